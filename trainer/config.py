@@ -1,0 +1,283 @@
+"""Run configuration: nested dataclasses, a YAML file, dotted `key=value` overrides.
+
+Every problem is reported as one `ConfigError` whose message starts with the dotted key,
+so the CLI can print a single line and exit before any process group exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    seq_len: int = 128
+    vocab_size: int = 256  # byte-level tokens
+    moe_every: int = 1  # every moe_every-th block has an MoE FFN, the others a dense one
+    dense_d_ff: Optional[int] = None  # hidden size of dense FFN blocks; null = moe.d_ff
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8  # 0 = dense baseline (every block a dense SwiGLU FFN)
+    top_k: int = 2
+    d_ff: int = 256
+    capacity_factor: Optional[float] = None  # null = dropless
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    normalize_top_k: Optional[bool] = None  # null = renormalise over the k chosen when k > 1
+    drop_policy: str = "position"  # position | probs: which routes keep their capacity slot
+    expert_impl: str = "auto"  # auto | loop | grouped_mm
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1  # experts are sharded over groups of ep contiguous ranks
+    backend: str = "auto"  # auto (nccl on CUDA, else gloo) | gloo | nccl
+    timeout_s: float = 600.0  # a collective that waits longer raises instead of hanging
+    debug_splits: bool = False  # all-gather and check the all_to_all split matrix every layer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # GLOBAL sequences per optimizer step, whatever the world size
+    grad_accum: int = 1  # micro-batches per optimizer step on each rank
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = no clipping (the norm is still measured)
+    seed: int = 1337
+    eval_every: int = 100  # 0 = only at the end
+    eval_batches: int = 4  # global batches of the validation split per evaluation
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 (autocast; router and losses stay fp32)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "stdlib"  # stdlib | files | hf
+    path: Optional[str] = None  # files: a text file or a directory of them
+    glob: str = "**/*.txt"  # files: which files of a directory
+    val_fraction: float = 0.05
+    hf_name: Optional[str] = None  # hf: dataset name or builder ("text", "wikitext", ...)
+    hf_config: Optional[str] = None
+    hf_data_files: Optional[str] = None
+    hf_split: str = "train"
+    hf_text_field: str = "text"
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    log_every: int = 10
+    tracker: str = "none"  # none | wandb
+    wandb_project: str = "moe-trainer"
+    name: Optional[str] = None
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp` (a field annotation), or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if value is None:
+        raise ConfigError(f"{key}: null is not allowed, expected {_type_name(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _merge(obj: Any, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"{key}: unknown key")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section of keys, got {value!r}")
+            _merge(current, value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`moe.num_experts=16` -> (["moe", "num_experts"], 16); values are read as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: an override must look like key=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"{text}: an override must look like key=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then each override in order."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        _merge(cfg, values, "")
+    for text in overrides:
+        parts, value = parse_override(text)
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        _merge(cfg, nested, "")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"must be one of {' | '.join(choices)}, got {value!r}")
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Check values and their consistency with each other and with `world_size`.
+
+    Runs on every rank before any collective, on the same inputs, so every rank fails with
+    the same message.
+    """
+    m, e, p, t, d, r = cfg.model, cfg.moe, cfg.parallel, cfg.train, cfg.data, cfg.run
+    for key, value in [
+        ("model.d_model", m.d_model), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+        ("model.seq_len", m.seq_len), ("model.vocab_size", m.vocab_size), ("model.moe_every", m.moe_every),
+        ("moe.d_ff", e.d_ff), ("parallel.ep", p.ep), ("train.steps", t.steps),
+        ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+        ("train.eval_batches", t.eval_batches), ("run.log_every", r.log_every),
+    ]:
+        _require(value >= 1, key, f"must be >= 1, got {value}")
+    _require(m.d_model % m.n_heads == 0, "model.n_heads",
+             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads",
+             f"head size d_model/n_heads={m.d_model // m.n_heads} must be even for rotary embeddings")
+    _require(m.dense_d_ff is None or m.dense_d_ff >= 1, "model.dense_d_ff", f"must be >= 1, got {m.dense_d_ff}")
+    _require(m.vocab_size >= 256 or d.dataset != "stdlib", "model.vocab_size",
+             f"byte-level data needs vocab_size >= 256, got {m.vocab_size}")
+
+    _require(e.num_experts >= 0, "moe.num_experts", f"must be >= 0 (0 = dense), got {e.num_experts}")
+    if e.num_experts > 0:
+        _require(1 <= e.top_k <= e.num_experts, "moe.top_k",
+                 f"must be between 1 and moe.num_experts={e.num_experts}, got {e.top_k}")
+        _require(e.num_experts % p.ep == 0, "moe.num_experts",
+                 f"moe.num_experts={e.num_experts} is not divisible by parallel.ep={p.ep}")
+    else:
+        _require(p.ep == 1, "parallel.ep", f"a dense model (moe.num_experts=0) needs parallel.ep=1, got {p.ep}")
+    _require(e.capacity_factor is None or e.capacity_factor > 0, "moe.capacity_factor",
+             f"must be > 0 or null (dropless), got {e.capacity_factor}")
+    _require(e.aux_loss_coef >= 0, "moe.aux_loss_coef", f"must be >= 0, got {e.aux_loss_coef}")
+    _require(e.z_loss_coef >= 0, "moe.z_loss_coef", f"must be >= 0, got {e.z_loss_coef}")
+    _choice(e.drop_policy, "moe.drop_policy", ("position", "probs"))
+    _choice(e.expert_impl, "moe.expert_impl", ("auto", "loop", "grouped_mm"))
+
+    _require(world_size % p.ep == 0, "parallel.ep",
+             f"world size {world_size} is not divisible by parallel.ep={p.ep}")
+    _choice(p.backend, "parallel.backend", ("auto", "gloo", "nccl"))
+    _require(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0, got {p.timeout_s}")
+
+    per_rank, rest = divmod(t.batch_size, world_size)
+    _require(rest == 0, "train.batch_size",
+             f"train.batch_size={t.batch_size} is not divisible by the world size {world_size}")
+    _require(per_rank % t.grad_accum == 0, "train.grad_accum",
+             f"per-rank batch {per_rank} (train.batch_size/world size) is not divisible by train.grad_accum={t.grad_accum}")
+    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    _require(0 <= t.warmup_steps, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _require(0 <= t.beta1 < 1, "train.beta1", f"must be in [0, 1), got {t.beta1}")
+    _require(0 <= t.beta2 < 1, "train.beta2", f"must be in [0, 1), got {t.beta2}")
+    _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
+    _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
+    _choice(t.dtype, "train.dtype", ("fp32", "bf16"))
+
+    _choice(d.dataset, "data.dataset", ("stdlib", "files", "hf"))
+    _require(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    if d.dataset == "files":
+        _require(d.path is not None, "data.path", "data.dataset=files needs data.path (a file or directory)")
+    if d.dataset == "hf":
+        _require(d.hf_name is not None, "data.hf_name", "data.dataset=hf needs data.hf_name")
+
+    _choice(r.tracker, "run.tracker", ("none", "wandb"))
+    _require(bool(r.dir), "run.dir", "must not be empty")

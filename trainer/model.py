@@ -1,0 +1,189 @@
+"""Decoder-only transformer with Mixtral-style blocks: RMSNorm, rotary attention, MoE FFN.
+
+Shape legend: B batch, S sequence, D model dim, H heads, Hd head dim, V vocabulary.
+
+No distributed code here: the caller hands the EP and stats groups to the MoE layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from .config import ModelConfig, MoEConfig
+from .moe import MoE, MoEStats
+from .moe.experts import is_expert_param
+from .moe.router import derived_seed
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles_SH = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # H = Hd/2 here
+    angles_SHd = torch.cat([angles_SH, angles_SH], dim=-1)
+    return angles_SHd.cos().float(), angles_SHd.sin().float()
+
+
+def apply_rotary(x_BHSHd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
+    first, second = x_BHSHd.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return x_BHSHd * cos_SHd.to(x_BHSHd.dtype) + rotated * sin_SHd.to(x_BHSHd.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos_SHd[:S], sin_SHd[:S]), apply_rotary(k, cos_SHd[:S], sin_SHd[:S])
+        y_BHSHd = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y_BHSHd.transpose(1, 2).reshape(B, S, D))
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU feed-forward, the dense counterpart of one expert."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w3 = nn.Linear(d_model, d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = ffn
+
+    def forward(self, x_BSD, cos_SHd, sin_SHd, valid_BS):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SHd, sin_SHd)
+        h_BSD = self.ffn_norm(x_BSD)
+        if isinstance(self.ffn, MoE):
+            moe_out = self.ffn(h_BSD, valid_BS)
+            return x_BSD + moe_out.out, moe_out
+        return x_BSD + self.ffn(h_BSD), None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, S, V]
+    loss: Optional[torch.Tensor]  # the training objective: lm + aux_coef * aux + z_coef * z
+    lm_loss: Optional[torch.Tensor]
+    aux_loss: torch.Tensor  # mean over MoE layers (0 for a dense model)
+    z_loss: torch.Tensor  # mean over MoE layers
+    moe_stats: list[MoEStats] = field(default_factory=list)
+
+
+class Transformer(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        moe_cfg: MoEConfig,
+        ep_group: Optional[ProcessGroup] = None,
+        stats_group: Optional[ProcessGroup] = None,
+        debug_splits: bool = False,
+    ):
+        super().__init__()
+        self.cfg, self.moe_cfg = cfg, moe_cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        blocks = []
+        for layer_id in range(cfg.n_layers):
+            if self.is_moe_block(layer_id):
+                ffn = MoE(cfg.d_model, moe_cfg.d_ff, moe_cfg.num_experts, moe_cfg.top_k, moe_cfg.capacity_factor,
+                          ep_group, stats_group, layer_id, moe_cfg.normalize_top_k, moe_cfg.drop_policy,
+                          moe_cfg.expert_impl, debug_splits)
+            else:
+                ffn = DenseFFN(cfg.d_model, cfg.dense_d_ff or moe_cfg.d_ff)
+            blocks.append(Block(cfg, ffn))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos_SHd, sin_SHd = rotary_tables(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("cos_SHd", cos_SHd, persistent=False)
+        self.register_buffer("sin_SHd", sin_SHd, persistent=False)
+
+    def is_moe_block(self, layer_id: int) -> bool:
+        return self.moe_cfg.num_experts > 0 and (layer_id + 1) % self.cfg.moe_every == 0
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def forward(
+        self,
+        idx_BS: torch.Tensor,
+        targets_BS: Optional[torch.Tensor] = None,
+        valid_BS: Optional[torch.Tensor] = None,
+    ) -> ModelOutput:
+        """`targets_BS` of -100 are ignored by the LM loss; `valid_BS` False marks padding for routing."""
+        S = idx_BS.shape[1]
+        if S > self.cfg.seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.seq_len={self.cfg.seq_len}")
+        x_BSD = self.embed(idx_BS)
+        aux_sum = z_sum = torch.zeros((), device=idx_BS.device)
+        stats = []
+        for block in self.blocks:
+            x_BSD, moe_out = block(x_BSD, self.cos_SHd, self.sin_SHd, valid_BS)
+            if moe_out is not None:
+                aux_sum, z_sum = aux_sum + moe_out.aux_loss, z_sum + moe_out.z_loss
+                stats.append(moe_out.stats)
+        n_moe = max(len(stats), 1)
+        aux_loss, z_loss = aux_sum / n_moe, z_sum / n_moe
+        logits_BSV = self.lm_head(self.norm(x_BSD))
+        loss = lm_loss = None
+        if targets_BS is not None:
+            lm_loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=-100)
+            loss = lm_loss + self.moe_cfg.aux_loss_coef * aux_loss + self.moe_cfg.z_loss_coef * z_loss
+        return ModelOutput(logits_BSV, loss, lm_loss, aux_loss, z_loss, stats)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic, layout-independent init: each dense tensor from a seed of (seed, its name),
+        each expert from a seed of (seed, layer, global expert id)."""
+        cfg = self.cfg
+        std = 1.0 / math.sqrt(cfg.d_model)
+        out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+        for moe in self.moe_layers:
+            moe.init_weights(seed, std, out_scale / math.sqrt(self.moe_cfg.d_ff))
+        for name, param in self.named_parameters():
+            if is_expert_param(param) or name.endswith("router.weight"):
+                continue
+            if param.dim() == 1:  # norm gains
+                param.fill_(1.0)
+                continue
+            gen = torch.Generator().manual_seed(derived_seed(seed, name))
+            fan_in = param.shape[1]
+            if name == "embed.weight":
+                scale = 1.0
+            elif name.endswith(("attn.out.weight", "ffn.w2.weight")):
+                scale = out_scale / math.sqrt(fan_in)
+            elif name == "lm_head.weight":
+                scale = 0.5 * std
+            else:
+                scale = 1.0 / math.sqrt(fan_in)
+            param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+    def flops_per_token(self) -> float:
+        """Forward+backward FLOPs per token with only the active (top-k) experts counted."""
+        cfg, moe = self.cfg, self.moe_cfg
+        dense = sum(p.numel() for n, p in self.named_parameters()
+                    if not is_expert_param(p) and n != "embed.weight")
+        active_experts = sum(moe.top_k * 3 * cfg.d_model * moe.d_ff for _ in self.moe_layers)
+        attention = 12 * cfg.n_layers * cfg.d_model * cfg.seq_len // 2  # causal: half the scores
+        return 6.0 * (dense + active_experts) + attention

@@ -1,0 +1,8 @@
+"""Mixture-of-Experts building blocks; `MoE` is the public, drop-in layer."""
+
+from .collectives import CollectiveError
+from .experts import Experts, is_expert_param
+from .layer import MoE, MoEOutput, MoEStats
+from .router import Router, Routing
+
+__all__ = ["CollectiveError", "Experts", "MoE", "MoEOutput", "MoEStats", "Router", "Routing", "is_expert_param"]

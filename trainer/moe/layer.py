@@ -1,0 +1,115 @@
+"""The MoE feed-forward layer: router -> dispatcher -> local experts -> combine.
+
+Shape legend: T tokens on this rank, D model dim, K top-k, E experts (global),
+X rows for this rank's local experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from .collectives import group_rank, group_size
+from .dispatch import Dispatcher
+from .experts import Experts, default_init_std
+from .router import Router
+
+
+@dataclass
+class MoEStats:
+    """Routing statistics of one forward, summed over the stats group (detached)."""
+
+    routed_E: torch.Tensor  # routes per expert before capacity drops
+    dropped: torch.Tensor  # routes dropped by capacity
+    routes: torch.Tensor  # valid tokens * top_k
+
+
+@dataclass
+class MoEOutput:
+    out: torch.Tensor  # same shape as the input
+    aux_loss: torch.Tensor  # fp32 scalar, load-balancing loss (E * sum_i f_i * P_i), coefficient NOT applied
+    z_loss: torch.Tensor  # fp32 scalar, mean(logsumexp(logits)^2), coefficient NOT applied
+    stats: MoEStats
+
+
+class MoE(nn.Module):
+    """A drop-in Mixture-of-Experts FFN with SwiGLU experts and optional expert parallelism.
+
+    Args:
+        d_model: model (input and output) dimension D.
+        d_ff: hidden dimension of each expert.
+        num_experts: total experts E over the whole EP group.
+        top_k: experts per token; k=1 keeps the raw router probability, k>1 renormalises over the k.
+        capacity_factor: None for dropless; else each expert takes at most ceil(cf * T * k / E)
+            routes of this rank's T valid tokens, the rest are dropped (their output is zero, so
+            the caller's residual carries the token).
+        ep_group: process group the experts are sharded over (E must divide by its size); rank r
+            of the group owns experts [r*E/P, (r+1)*E/P). None = all experts local.
+        stats_group: group over which balance statistics are summed so that the aux loss is the
+            global-batch one; use every data-parallel rank. Defaults to `ep_group`.
+        layer_id: seeds the initialisation (with `init_weights(seed)`) and names the layer in errors.
+        normalize_top_k, drop_policy ("position" | "probs"), expert_impl ("auto" | "loop" |
+            "grouped_mm"), debug_splits: see the router, experts and dispatcher.
+
+    forward(x, valid=None) takes x of shape [..., D] and an optional bool mask of shape [...]
+    (False = padding: no capacity, no statistics, zero output) and returns `MoEOutput`.
+    Every rank of `ep_group` must call forward the same number of times (it is a collective).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        top_k: int = 2,
+        capacity_factor: Optional[float] = None,
+        ep_group: Optional[ProcessGroup] = None,
+        stats_group: Optional[ProcessGroup] = None,
+        layer_id: int = 0,
+        normalize_top_k: Optional[bool] = None,
+        drop_policy: str = "position",
+        expert_impl: str = "auto",
+        debug_splits: bool = False,
+    ):
+        super().__init__()
+        self.layer_id = layer_id
+        self.where = f"moe layer {layer_id}"
+        self.stats_group = stats_group if stats_group is not None else ep_group
+        self.router = Router(d_model, num_experts, top_k, capacity_factor, normalize_top_k, drop_policy)
+        self.dispatcher = Dispatcher(num_experts, ep_group, self.where, debug_splits)
+        num_local = self.dispatcher.num_local_experts
+        self.experts = Experts(num_local, d_model, d_ff, group_rank(self.dispatcher.ep_group) * num_local, expert_impl)
+
+    @property
+    def ep_size(self) -> int:
+        return group_size(self.dispatcher.ep_group)
+
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> MoEOutput:
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        valid_T = None if valid is None else valid.reshape(-1)
+        routing = self.router(x_TD, valid_T, self.stats_group, self.where)
+        if torch.is_autocast_enabled(x.device.type):  # send half-width rows, experts run in it anyway
+            x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
+        x_XD, plan = self.dispatcher.dispatch(x_TD, routing)
+        y_XD = self.experts(x_XD, plan.tokens_per_local_expert)
+        out_TD = self.dispatcher.combine(y_XD, plan)
+        return MoEOutput(
+            out=out_TD.to(x.dtype).view(shape),
+            aux_loss=routing.aux_loss,
+            z_loss=routing.z_loss,
+            stats=MoEStats(routing.routed_E, routing.dropped, routing.routes),
+        )
+
+    def init_weights(self, seed: int, std: Optional[float] = None, out_std: Optional[float] = None) -> None:
+        """Layout-independent init: router and each global expert from seeds of (seed, layer_id, ...)."""
+        d_model = self.router.weight.shape[1]
+        default_std, default_out = default_init_std(d_model, 1)
+        std = default_std if std is None else std
+        out_std = default_out if out_std is None else out_std
+        self.router.init_weights(seed, self.layer_id, std)
+        self.experts.init_weights(seed, self.layer_id, std, out_std)

@@ -1,0 +1,156 @@
+"""Token-choice top-k router: fp32 scores, capacity and drops, load-balancing and z losses.
+
+Shape legend: T tokens (on this rank), D model dim, E experts (global), K top-k,
+N = T*K routes.
+
+Layout invariance. Balance statistics are summed over `stats_group` (every data-parallel
+rank in the trainer), so the loss one rank computes, averaged over ranks by the gradient
+sync, equals the loss one process computes on the whole global batch:
+  * f_E (share of routes per expert) uses the global route counts;
+  * the local share of P_E (mean full-softmax probability) and of the z-loss is
+    sum-over-local-tokens * W / global_tokens, so the mean over the W ranks is the global mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from .collectives import all_reduce_sum_, group_size
+
+
+def derived_seed(*parts: int | str) -> int:
+    """A 63-bit seed from (seed, layer, expert, ...), the same in every process and layout."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class Routing:
+    expert_idx_TK: torch.Tensor  # int64, chosen experts (global ids)
+    weight_TK: torch.Tensor  # fp32 combine weights (differentiable)
+    keep_TK: torch.Tensor  # bool, route is dispatched (valid token and within capacity)
+    aux_loss: torch.Tensor  # fp32 scalar, this rank's share of E * sum_i f_i * P_i
+    z_loss: torch.Tensor  # fp32 scalar, this rank's share of mean(logsumexp(logits)^2)
+    routed_E: torch.Tensor  # int64, routes per expert before drops, summed over stats_group
+    dropped: torch.Tensor  # int64 scalar, routes dropped by capacity, summed over stats_group
+    routes: torch.Tensor  # int64 scalar, valid routes (valid tokens * K), summed over stats_group
+
+
+def capacity(num_valid_tokens: torch.Tensor, capacity_factor: float, top_k: int, num_experts: int) -> torch.Tensor:
+    """C = ceil(cf * T * K / E), T counting valid tokens only. Stays on the device (no host sync)."""
+    exact = num_valid_tokens.double() * (capacity_factor * top_k / num_experts)
+    return torch.ceil(exact - 1e-9)  # the epsilon absorbs representation error like 1.1 * 10 = 11.000000000000002
+
+
+def position_in_expert(expert_idx_N: torch.Tensor, priority_N: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """For each route, how many routes to the same expert come before it in priority order."""
+    n = expert_idx_N.numel()
+    by_priority = torch.argsort(priority_N, stable=True)
+    experts_in_priority = expert_idx_N[by_priority]
+    by_expert = torch.argsort(experts_in_priority, stable=True)  # ties keep priority order
+    counts_B = torch.bincount(experts_in_priority, minlength=num_buckets)
+    starts_B = torch.cumsum(counts_B, 0) - counts_B
+    sorted_experts = experts_in_priority[by_expert]
+    pos_sorted = torch.arange(n, device=expert_idx_N.device) - starts_B[sorted_experts]
+    position_N = torch.empty_like(pos_sorted)
+    position_N[by_priority[by_expert]] = pos_sorted
+    return position_N
+
+
+class Router(nn.Module):
+    """Linear gate over D -> E, computed in fp32 whatever the autocast or parameter dtype."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        capacity_factor: Optional[float] = None,
+        normalize_top_k: Optional[bool] = None,
+        drop_policy: str = "position",
+    ):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+        if drop_policy not in ("position", "probs"):
+            raise ValueError(f"drop_policy must be 'position' or 'probs', got {drop_policy!r}")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.capacity_factor = capacity_factor
+        # k=1 keeps the raw probability (Switch) so the gate learns from the LM loss;
+        # k>1 renormalises over the chosen experts (Mixtral).
+        self.normalize_top_k = top_k > 1 if normalize_top_k is None else normalize_top_k
+        self.drop_policy = drop_policy
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        valid_T: Optional[torch.Tensor] = None,
+        stats_group: Optional[ProcessGroup] = None,
+        where: str = "router",
+    ) -> Routing:
+        T, E, K = x_TD.shape[0], self.num_experts, self.top_k
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        top_p_TK, expert_idx_TK = torch.topk(probs_TE, K, dim=-1)
+        weight_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True) if self.normalize_top_k else top_p_TK
+
+        if valid_T is None:
+            valid_T = torch.ones(T, dtype=torch.bool, device=x_TD.device)
+        valid_TK = valid_T[:, None].expand(T, K)
+        num_valid = valid_T.sum()
+
+        # routes of padding tokens go to an extra bucket E: no capacity, no statistics
+        bucket_N = torch.where(valid_TK, expert_idx_TK, E).reshape(-1)
+        routed_E = torch.bincount(bucket_N, minlength=E + 1)[:E]
+
+        keep_TK = valid_TK
+        if self.capacity_factor is not None:
+            if self.drop_policy == "position":
+                # all first choices before any second choice; earlier tokens first within a choice
+                priority_N = torch.arange(T * K, device=x_TD.device).view(K, T).t().reshape(-1)
+            else:  # "probs": the most confident routes first
+                priority_N = torch.argsort(torch.argsort(-top_p_TK.detach().reshape(-1), stable=True))
+            position_TK = position_in_expert(bucket_N, priority_N, E + 1).view(T, K)
+            cap = capacity(num_valid, self.capacity_factor, K, E)
+            keep_TK = valid_TK & (position_TK < cap)
+        dropped = (valid_TK & ~keep_TK).sum()
+
+        stats = torch.cat([routed_E, dropped.view(1), num_valid.view(1)]).to(torch.int64)
+        all_reduce_sum_(stats, stats_group, where, "all_reduce of routing statistics")
+        routed_global_E, dropped_global, valid_global = stats[:E], stats[E], stats[E + 1]
+
+        # each rank's share, so that the mean over the W ranks is the global quantity
+        W = group_size(stats_group)
+        share = W / valid_global.clamp(min=1).double()
+        valid_f_T = valid_T.float()
+        f_E = routed_global_E.double() / (valid_global.clamp(min=1).double() * K)
+        p_sum_E = (probs_TE * valid_f_T[:, None]).sum(0)
+        aux_loss = E * (f_E.float() * p_sum_E).sum() * share.float()
+        z_loss = (torch.logsumexp(logits_TE, dim=-1).square() * valid_f_T).sum() * share.float()
+
+        return Routing(
+            expert_idx_TK=expert_idx_TK,
+            weight_TK=weight_TK,
+            keep_TK=keep_TK,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            routed_E=routed_global_E,
+            dropped=dropped_global,
+            routes=valid_global * K,
+        )
+
+    def init_weights(self, seed: int, layer_id: int, std: float) -> None:
+        gen = torch.Generator().manual_seed(derived_seed(seed, layer_id, "router"))
+        with torch.no_grad():
+            self.weight.copy_(torch.randn(self.weight.shape, generator=gen) * std)

@@ -58,10 +58,10 @@ def all_to_all_counts(send_counts: torch.Tensor, group: ProcessGroup, where: str
 
 def all_gather_tensor(tensor: torch.Tensor, group: ProcessGroup, where: str, what: str) -> torch.Tensor:
     """Stack `tensor` from every rank of `group` along a new first dim."""
-    out = torch.empty((group_size(group), *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+    parts = [torch.empty_like(tensor) for _ in range(group_size(group))]
     with named_collective(where, what):
-        dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
-    return out
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.stack(parts)
 
 
 class _AllToAllRows(torch.autograd.Function):

@@ -92,6 +92,8 @@ class Dispatcher:
         if P == 1:
             splits = [x_RD.shape[0]]
             return x_RD, splits, splits, send_counts_PL.cpu()
+        if self.debug_splits:  # before the count exchange, which mismatched shapes would corrupt
+            self._check_layer_shapes(send_counts_PL.device)
         recv_counts_PL = all_to_all_counts(send_counts_PL, self.ep_group, self.where)
         if self.debug_splits:
             self._check_split_matrix(send_counts_PL, recv_counts_PL)
@@ -102,13 +104,15 @@ class Dispatcher:
         x_recv = all_to_all_rows(x_RD, send_splits, recv_splits, self.ep_group, self.where)
         return x_recv, send_splits, recv_splits, recv_counts_PL
 
-    def _check_split_matrix(self, send_counts_PL: torch.Tensor, recv_counts_PL: torch.Tensor) -> None:
-        """Every rank sees the full [src, dst, local expert] matrix and checks its own column."""
-        header = torch.tensor([self.num_experts, self.ep_size], device=send_counts_PL.device)
+    def _check_layer_shapes(self, device: torch.device) -> None:
+        header = torch.tensor([self.num_experts, self.ep_size], device=device)
         headers = all_gather_tensor(header, self.ep_group, self.where, "all_gather of layer shapes")
         if not bool((headers == header).all()):
             raise CollectiveError(f"{self.where}: ranks of the EP group disagree on (num_experts, ep size): "
-                                  f"{headers.tolist()}")
+                                  f"{headers.tolist()} by EP rank")
+
+    def _check_split_matrix(self, send_counts_PL: torch.Tensor, recv_counts_PL: torch.Tensor) -> None:
+        """Every rank sees the full [src, dst, local expert] matrix and checks its own column."""
         matrix_PPL = all_gather_tensor(send_counts_PL, self.ep_group, self.where, "all_gather of split matrix")
         me = group_rank(self.ep_group)
         expected_PL = matrix_PPL[:, me, :]

@@ -1,0 +1,117 @@
+"""Dispatch on real gloo processes: rows reach the right experts and come back, forward and backward.
+
+One spawn of 4 processes covers EP groups of 1, 2 and 4, uneven token counts per rank, dropped
+routes, and experts that receive no token at all.
+"""
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from trainer.moe.collectives import CollectiveError
+from trainer.moe.dispatch import Dispatcher, regroup_index
+from trainer.moe.router import Routing
+
+from .distributed import groups_of, run_processes
+
+E, K, D = 8, 2, 6
+UNUSED_EXPERT = 7  # never chosen: its owner still runs with zero rows
+
+
+def make_routing(rank: int, ep: int):
+    gen = torch.Generator().manual_seed(100 + rank)
+    T = 5 + 3 * rank  # uneven token counts across ranks
+    expert_idx_TK = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(T)])
+    if rank == 1:  # this rank sends everything to the experts of EP rank 0
+        first_owner = min(E // ep, UNUSED_EXPERT)
+        expert_idx_TK = torch.stack([torch.randperm(first_owner, generator=gen)[:K] for _ in range(T)])
+    keep_TK = torch.rand(T, K, generator=gen) > 0.2
+    weight_TK = torch.rand(T, K, generator=gen).requires_grad_()
+    x_TD = torch.randn(T, D, generator=gen).requires_grad_()
+    zero = torch.zeros((), dtype=torch.int64)
+    routing = Routing(expert_idx_TK, weight_TK, keep_TK, torch.zeros(()), torch.zeros(()), torch.zeros(E), zero, zero)
+    return x_TD, routing
+
+
+def expected_rows(all_inputs, group_ranks, local_experts):
+    """Rows the owner of `local_experts` must receive: by local expert, then source rank, then route order."""
+    blocks = []
+    for expert in local_experts:
+        for src in group_ranks:
+            x, idx, keep = all_inputs[src]
+            routes = [(t, k) for t in range(idx.shape[0]) for k in range(K) if keep[t, k] and idx[t, k] == expert]
+            blocks.extend(x[t] for t, _ in routes)
+    return torch.stack(blocks) if blocks else torch.zeros(0, D)
+
+
+def _dispatch_worker(rank, world_size):
+    for ep in (1, 2, 4):
+        group = groups_of(ep, world_size)
+        x_TD, routing = make_routing(rank, ep)
+        dispatcher = Dispatcher(E, group, where=f"test ep={ep}", debug_splits=True)
+        x_XD, plan = dispatcher.dispatch(x_TD, routing)
+
+        # the right rows arrive, grouped by local expert
+        all_inputs = [None] * world_size
+        dist.all_gather_object(all_inputs, (x_TD.detach(), routing.expert_idx_TK, routing.keep_TK))
+        ep_rank = rank % ep
+        group_ranks = list(range(rank - ep_rank, rank - ep_rank + ep))
+        local_experts = list(range(ep_rank * E // ep, (ep_rank + 1) * E // ep))
+        torch.testing.assert_close(x_XD.detach(), expected_rows(all_inputs, group_ranks, local_experts), rtol=0, atol=0)
+        assert len(plan.tokens_per_local_expert) == E // ep and sum(plan.tokens_per_local_expert) == x_XD.shape[0]
+        if UNUSED_EXPERT in local_experts:
+            assert plan.tokens_per_local_expert[local_experts.index(UNUSED_EXPERT)] == 0
+
+        # "experts" that scale by (global id + 1) make misrouted rows visible; combine must undo the trip
+        scale_X = torch.repeat_interleave(torch.tensor(local_experts, dtype=torch.float32) + 1,
+                                          torch.tensor(plan.tokens_per_local_expert))
+        out_TD = dispatcher.combine(x_XD * scale_X[:, None], plan)
+        factor_TK = routing.keep_TK * routing.weight_TK * (routing.expert_idx_TK + 1)
+        x_ref = x_TD.detach().clone().requires_grad_()
+        w_ref = routing.weight_TK.detach().clone().requires_grad_()
+        ref_TD = ((routing.keep_TK * w_ref * (routing.expert_idx_TK + 1)).sum(-1))[:, None] * x_ref
+        torch.testing.assert_close(out_TD, factor_TK.sum(-1, keepdim=True) * x_TD, rtol=1e-6, atol=1e-6)
+
+        upstream = torch.randn(out_TD.shape, generator=torch.Generator().manual_seed(rank))
+        out_TD.backward(upstream)
+        ref_TD.backward(upstream)
+        torch.testing.assert_close(x_TD.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(routing.weight_TK.grad, w_ref.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_dispatch_round_trip_at_ep_1_2_4():
+    run_processes(_dispatch_worker, 4)
+
+
+def test_regroup_index_orders_by_expert_then_rank():
+    counts_PL = torch.tensor([[2, 0, 1], [1, 3, 0]])
+    # rank-major rows: r0e0 r0e0 r0e2 | r1e0 r1e1 r1e1 r1e1 -> expert-major: e0 (r0, r0, r1), e1 (r1 x3), e2 (r0)
+    assert regroup_index(counts_PL).tolist() == [0, 1, 3, 4, 5, 6, 2]
+
+
+def _mismatch_worker(rank, world_size):
+    experts = 4 if rank == 0 else 8  # a rank built with a different expert count
+    dispatcher = Dispatcher(experts, dist.group.WORLD, where="moe layer 5", debug_splits=True)
+    idx = torch.zeros(3, 1, dtype=torch.int64)
+    routing = Routing(idx, torch.ones(3, 1), torch.ones(3, 1, dtype=torch.bool), None, None, None, None, None)
+    with pytest.raises(CollectiveError, match=r"moe layer 5: ranks of the EP group disagree"):
+        dispatcher.dispatch(torch.randn(3, D), routing)
+
+
+def test_debug_splits_catches_ranks_that_disagree_on_the_layer():
+    run_processes(_mismatch_worker, 2)
+
+
+def _timeout_worker(rank, world_size):
+    from trainer.moe import MoE
+    layer = MoE(D, 8, 4, top_k=1, ep_group=dist.group.WORLD, layer_id=3)
+    layer.init_weights(0)
+    if rank == 0:  # rank 1 never joins the forward: rank 0 must fail, not hang
+        with pytest.raises(CollectiveError, match=r"moe layer 3: .* failed"):
+            layer(torch.randn(4, D))
+
+
+def test_a_missing_peer_becomes_an_error_naming_the_layer():
+    run_processes(_timeout_worker, 2, timeout_s=3)

@@ -1,0 +1,156 @@
+"""Router closed forms: aux loss values, capacity and drops, k=1 weights, padding."""
+
+import math
+
+import pytest
+import torch
+
+from trainer.config import ModelConfig, MoEConfig
+from trainer.model import Transformer
+from trainer.moe import MoE, Router
+from trainer.moe.router import capacity
+
+
+def router_with_identity_gate(E: int, K: int = 1, scale: float = 20.0, **kwargs) -> Router:
+    """A router over D = E whose logits are `scale * x`: one-hot inputs pick their expert."""
+    router = Router(E, E, K, **kwargs)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(E) * scale)
+    return router
+
+
+def one_hot_tokens(experts: list[int], E: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(experts), E).float()
+
+
+def test_balanced_routing_gives_aux_loss_of_exactly_one():
+    E = 4
+    router = router_with_identity_gate(E)
+    routing = router(one_hot_tokens([0, 1, 2, 3] * 3, E))
+    assert routing.routed_E.tolist() == [3, 3, 3, 3]
+    assert routing.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_uniform_probabilities_with_balanced_choices_give_one_for_top2():
+    E, K = 4, 2
+    router = router_with_identity_gate(E, K, scale=0.0)  # every probability is exactly 1/E
+    routing = router(torch.randn(8, E))
+    # with f summing to 1 over all K choices, E * sum_i f_i * (1/E) is 1 whatever the choices
+    assert routing.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_skewed_routing_gives_more_and_the_closed_form():
+    E = 4
+    router = router_with_identity_gate(E, scale=5.0)
+    x = one_hot_tokens([0, 0, 0, 0, 0, 1], E)
+    routing = router(x)
+    probs = torch.softmax(x * 5.0, dim=-1)
+    f = torch.tensor([5, 1, 0, 0]) / 6.0
+    expected = E * (f * probs.mean(0)).sum()
+    assert routing.aux_loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert routing.aux_loss.item() > 1.5
+    lse = torch.logsumexp(x * 5.0, dim=-1)
+    assert routing.z_loss.item() == pytest.approx(lse.square().mean().item(), rel=1e-6)
+
+
+def test_capacity_formula():
+    n = torch.tensor(10)
+    assert capacity(n, 1.0, 1, 4).item() == 3  # ceil(2.5)
+    assert capacity(n, 1.1, 1, 1).item() == 11  # 1.1 * 10 is 11.000000000000002 in floating point
+    assert capacity(n, 2.0, 2, 4).item() == 10
+    assert capacity(torch.tensor(7), 1.25, 2, 8).item() == math.ceil(1.25 * 7 * 2 / 8)
+
+
+def test_position_policy_drops_the_latest_tokens_beyond_capacity():
+    E = 2
+    router = router_with_identity_gate(E, capacity_factor=1.0)  # C = ceil(6 * 1 / 2) = 3
+    routing = router(one_hot_tokens([0, 0, 1, 0, 0, 0], E))
+    assert routing.keep_TK[:, 0].tolist() == [True, True, True, True, False, False]
+    assert routing.dropped.item() == 2 and routing.routes.item() == 6
+    assert routing.routed_E.tolist() == [5, 1]  # counts before drops
+
+
+def test_probs_policy_keeps_the_most_confident_routes():
+    E = 2
+    router = router_with_identity_gate(E, capacity_factor=1.0, drop_policy="probs")
+    x = one_hot_tokens([0, 0, 1, 0, 0, 0], E) * torch.tensor([0.1, 0.2, 1.0, 0.9, 0.8, 0.3])[:, None]
+    routing = router(x)
+    # expert 0 gets tokens 0,1,3,4,5 with confidence rising in x; the top three are 3, 4, 5
+    assert routing.keep_TK[:, 0].tolist() == [False, False, True, True, True, True]
+    assert routing.dropped.item() == 2
+
+
+def test_first_choices_take_capacity_before_second_choices():
+    E, K = 3, 2
+    router = Router(E, E, K, capacity_factor=0.5)  # C = ceil(0.5 * 4 * 2 / 3) = 2
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(E) * 10.0)
+    # token 0, 1: first choice expert 2 and second expert 0; tokens 2, 3: first choice expert 0
+    x = torch.tensor([[1.0, 0, 2.0], [1.0, 0, 2.0], [2.0, 0, 1.0], [2.0, 0, 1.0]])
+    routing = router(x)
+    assert routing.expert_idx_TK.tolist() == [[2, 0], [2, 0], [0, 2], [0, 2]]
+    # each expert gets 2 first choices and 2 second choices for 2 slots: every first choice is kept
+    # (token order alone would have given expert 0's slots to tokens 0 and 1's second choices)
+    assert routing.keep_TK.tolist() == [[True, False]] * 4
+    assert routing.dropped.item() == 4
+
+
+def test_top1_keeps_raw_probability_and_topk_renormalises():
+    x = torch.randn(5, 8)
+    r1 = Router(8, 4, 1)
+    r2 = Router(8, 4, 2)
+    torch.nn.init.normal_(r1.weight)
+    with torch.no_grad():
+        r2.weight.copy_(r1.weight)
+    probs = torch.softmax(x @ r1.weight.t(), dim=-1)
+    assert torch.allclose(r1(x).weight_TK[:, 0], probs.max(-1).values)
+    assert torch.allclose(r2(x).weight_TK.sum(-1), torch.ones(5))
+
+
+def test_top1_router_learns_from_the_lm_objective_alone():
+    layer = MoE(8, 16, 4, top_k=1)
+    layer.init_weights(0)
+    layer(torch.randn(6, 8)).out.sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_padding_changes_nothing(capacity_factor):
+    torch.manual_seed(0)
+    layer = MoE(16, 32, 4, top_k=2, capacity_factor=capacity_factor)
+    layer.init_weights(3)
+    x = torch.randn(10, 16)
+    pads = torch.randn(7, 16) * 5
+    plain = layer(x)
+    padded = layer(torch.cat([x, pads]), torch.cat([torch.ones(10, dtype=torch.bool), torch.zeros(7, dtype=torch.bool)]))
+    assert torch.equal(padded.out[:10], plain.out)
+    assert torch.equal(padded.out[10:], torch.zeros(7, 16))
+    assert padded.aux_loss.item() == pytest.approx(plain.aux_loss.item(), rel=1e-6)
+    assert padded.z_loss.item() == pytest.approx(plain.z_loss.item(), rel=1e-6)
+    assert torch.equal(padded.stats.routed_E, plain.stats.routed_E)
+    assert padded.stats.dropped == plain.stats.dropped and padded.stats.routes == plain.stats.routes
+
+
+def tiny_model(aux_loss_coef: float, z_loss_coef: float = 0.0) -> Transformer:
+    model = Transformer(ModelConfig(d_model=16, n_layers=2, n_heads=2, seq_len=8),
+                        MoEConfig(num_experts=4, top_k=2, d_ff=32, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef))
+    model.init_weights(0)
+    return model
+
+
+def test_router_gradient_depends_on_aux_coefficient_and_loss_adds_up():
+    idx = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for coef in (0.0, 0.5):
+        model = tiny_model(coef, z_loss_coef=0.1)
+        out = model(idx, idx)
+        expected = out.lm_loss + coef * out.aux_loss + 0.1 * out.z_loss
+        assert out.loss.item() == pytest.approx(expected.item(), rel=1e-7)
+        out.loss.backward()
+        grads[coef] = model.blocks[0].ffn.router.weight.grad.clone()
+    assert not torch.allclose(grads[0.0], grads[0.5])
+    # the aux part of the gradient is exactly linear in the coefficient
+    model = tiny_model(1.0)
+    model(idx, idx).aux_loss.backward()
+    aux_grad = model.blocks[0].ffn.router.weight.grad
+    torch.testing.assert_close(grads[0.5] - grads[0.0], 0.5 * aux_grad, rtol=1e-4, atol=1e-7)

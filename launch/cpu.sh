@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run the trainer on NPROC CPU processes of this machine (gloo), via torchrun --standalone.
+#
+# Usage: [NPROC=2] launch/cpu.sh CONFIG [key=value ...]
+#   e.g. launch/cpu.sh configs/tiny.yaml train.steps=100 run.dir=runs/x
+# OMP_NUM_THREADS defaults to max(1, cores / NPROC).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if (($# < 1)); then
+    echo "usage: [NPROC=2] launch/cpu.sh CONFIG [key=value ...]" >&2
+    exit 2
+fi
+
+NPROC="${NPROC:-2}"
+if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+    threads=$(( $(nproc) / NPROC ))
+    export OMP_NUM_THREADS=$(( threads > 1 ? threads : 1 ))
+fi
+
+if [[ -x .venv/bin/torchrun ]]; then torchrun=.venv/bin/torchrun; else torchrun=torchrun; fi
+
+exec "$torchrun" --standalone --nproc-per-node "$NPROC" \
+    -m trainer train "$@" parallel.backend=gloo train.device=cpu

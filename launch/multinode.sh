@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Multi-node launch: run this once on every node; torchrun's c10d rendezvous at
+# MASTER_ADDR:MASTER_PORT joins them into one job.
+#
+# Usage: NNODES=2 MASTER_ADDR=node0 [NPROC_PER_NODE=8] [MASTER_PORT=29500] [RDZV_ID=moe-trainer] \
+#            launch/multinode.sh CONFIG [key=value ...]
+# NPROC_PER_NODE defaults to the GPU count from nvidia-smi, else 1. See launch/slurm.sbatch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if (($# < 1)); then
+    echo "usage: NNODES=N MASTER_ADDR=HOST launch/multinode.sh CONFIG [key=value ...]" >&2
+    exit 2
+fi
+if [[ -z "${NNODES:-}" ]]; then
+    echo "multinode: NNODES is required (number of nodes)" >&2
+    exit 2
+fi
+if [[ -z "${MASTER_ADDR:-}" ]]; then
+    echo "multinode: MASTER_ADDR is required (host of the rendezvous)" >&2
+    exit 2
+fi
+
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        NPROC_PER_NODE=$(nvidia-smi -L | wc -l)
+    else
+        NPROC_PER_NODE=1
+    fi
+fi
+MASTER_PORT="${MASTER_PORT:-29500}"
+RDZV_ID="${RDZV_ID:-moe-trainer}"
+
+if [[ -x .venv/bin/torchrun ]]; then torchrun=.venv/bin/torchrun; else torchrun=torchrun; fi
+
+exec "$torchrun" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
+    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID" \
+    -m trainer train "$@"

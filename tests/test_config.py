@@ -1,0 +1,77 @@
+"""Bad configuration: one line naming the key, a non-zero exit, before any process group exists."""
+
+import pytest
+
+from trainer.__main__ import main
+from trainer.config import ConfigError, load_config, validate
+
+from .cli import REPO, run_cli
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+BAD = [
+    # (overrides, world size, key the message must start with)
+    (["moe.nmu_experts=4"], 2, "moe.nmu_experts"),
+    (["model.d_model=abc"], 2, "model.d_model"),
+    (["moe.top_k=2.5"], 2, "moe.top_k"),
+    (["parallel.ep=true"], 2, "parallel.ep"),
+    (["moe.num_experts=6", "parallel.ep=4"], 4, "moe.num_experts"),
+    (["parallel.ep=2"], 3, "parallel.ep"),
+    (["moe.top_k=0"], 2, "moe.top_k"),
+    (["moe.top_k=9"], 2, "moe.top_k"),
+    (["moe.capacity_factor=0"], 2, "moe.capacity_factor"),
+    (["moe.capacity_factor=-1.5"], 2, "moe.capacity_factor"),
+    (["train.batch_size=6", "parallel.ep=1"], 4, "train.batch_size"),
+    (["train.grad_accum=3"], 2, "train.grad_accum"),
+    (["model.n_heads=5"], 2, "model.n_heads"),
+    (["run.tracker=tensorboard"], 2, "run.tracker"),
+    (["train"], 2, "train"),
+]
+
+
+@pytest.mark.parametrize("overrides, world_size, key", BAD, ids=[b[2] + ":" + " ".join(b[0]) for b in BAD])
+def test_bad_config_exits_with_one_line_naming_the_key(overrides, world_size, key, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    code = main(["train", TINY, *overrides, f"run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"error: config: {key}"), err
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("model:\n  d_model: {a: 1}\n")
+    with pytest.raises(ConfigError, match=r"^model.d_model: expected an integer"):
+        load_config(bad)
+
+
+def test_overrides_keep_types_and_accept_null_and_exponents():
+    cfg = load_config(TINY, ["moe.capacity_factor=1.25", "train.lr=3e-4", "moe.capacity_factor=null", "train.steps=7"])
+    assert cfg.moe.capacity_factor is None and cfg.train.lr == 3e-4 and cfg.train.steps == 7
+    validate(cfg, world_size=2)
+
+
+def test_every_rank_fails_the_same_way_under_torchrun(tmp_path):
+    result = run_cli(["train", TINY, "moe.num_experts=6", "parallel.ep=4", f"run.dir={tmp_path / 'run'}"], nproc=4)
+    assert result.returncode != 0
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 4 and len(set(lines)) == 1, result.stderr
+    assert lines[0] == "error: config: moe.num_experts: moe.num_experts=6 is not divisible by parallel.ep=4"
+
+
+def test_existing_run_dir_is_refused_and_left_alone(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    code = main(["train", TINY, "parallel.ep=1", f"run.dir={run_dir}"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: run.dir:")
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'

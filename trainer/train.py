@@ -83,24 +83,27 @@ def evaluate(model: Transformer, batches: TokenBatches, cfg: Config, layout: Lay
 
 
 class StepStats:
-    """Sums over the micro-batches of one optimizer step."""
+    """Sums over the micro-batches of one optimizer step, kept on the device until read."""
 
-    def __init__(self):
-        self.loss = self.lm = self.aux = self.z = 0.0
-        self.dropped = self.routes = 0
-        self.load_max_over_mean = 0.0
+    def __init__(self, device: torch.device):
+        self.losses = torch.zeros(4, dtype=torch.float64, device=device)  # loss, lm, aux, z
+        self.dropped = torch.zeros((), dtype=torch.float64, device=device)
+        self.routes = torch.zeros((), dtype=torch.float64, device=device)
+        self.load_max = torch.zeros((), dtype=torch.float64, device=device)  # busiest / mean, worst layer
 
     def add(self, out: ModelOutput, micro_batches: int) -> None:
-        self.loss += out.loss.item() / micro_batches
-        self.lm += out.lm_loss.item() / micro_batches
-        self.aux += out.aux_loss.item() / micro_batches
-        self.z += out.z_loss.item() / micro_batches
+        self.losses += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().double() / micro_batches
         for s in out.moe_stats:
-            self.dropped += int(s.dropped)
-            self.routes += int(s.routes)
+            self.dropped += s.dropped
+            self.routes += s.routes
             load = s.routed_E.double()
-            ratio = (load.max() / load.mean().clamp(min=1e-9)).item()
-            self.load_max_over_mean = max(self.load_max_over_mean, ratio)
+            self.load_max = torch.maximum(self.load_max, load.max() / load.mean().clamp(min=1e-9))
+
+    def read(self) -> tuple[list[float], float, float]:
+        """([loss, lm, aux, z] of this rank, dropped fraction, worst load ratio) in one device-to-host copy."""
+        dropped_frac = self.dropped / self.routes.clamp(min=1)
+        host = torch.cat([self.losses, torch.stack([dropped_frac, self.load_max])]).tolist()
+        return host[:4], host[4], host[5]
 
 
 def train(cfg: Config) -> dict:
@@ -160,7 +163,7 @@ def _train(cfg: Config, layout: Layout, run_dir: Path) -> dict:
                 group["lr"] = lr
 
             inputs, targets = train_batches.batch(step - 1)
-            stats = StepStats()
+            stats = StepStats(layout.device)
             for m in range(t.grad_accum):
                 rows = slice(m * micro, (m + 1) * micro)
                 with autocast_context(cfg, layout.device):
@@ -180,12 +183,12 @@ def _train(cfg: Config, layout: Layout, run_dir: Path) -> dict:
             is_log = step % cfg.run.log_every == 0 or step == t.steps
             is_eval = step == t.steps or (t.eval_every > 0 and step % t.eval_every == 0)
             if is_log:
-                loss, lm, aux, z = world_mean([stats.loss, stats.lm, stats.aux, stats.z], layout)
+                local_losses, dropped_frac, load_max = stats.read()
+                loss, lm, aux, z = world_mean(local_losses, layout)
                 tokens_per_s = tokens_per_step * window_steps / window_time
                 last = {"step": step, "loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z,
                         "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens_per_s,
-                        "dropped_frac": stats.dropped / max(stats.routes, 1),
-                        "expert_load_max": stats.load_max_over_mean,
+                        "dropped_frac": dropped_frac, "expert_load_max": load_max,
                         "epoch": train_batches.epoch_of(step), "elapsed_s": time.perf_counter() - start}
                 if peak is not None:
                     last["mfu"] = model.flops_per_token() * tokens_per_s / (peak * layout.world_size)

@@ -45,3 +45,17 @@ def test_per_step_loss_and_grad_norm_match_one_process(tmp_path):
 def test_capacity_drops_are_reported(tmp_path):
     metrics = train_run(tmp_path, "capped", 2, 2, ["moe.capacity_factor=0.5", "train.steps=3"])
     assert all(0 < m["dropped_frac"] < 1 for m in metrics)
+
+
+def test_gradient_accumulation_equals_more_ranks(tmp_path):
+    """(1 process, 2 micro-batches) == (2 processes, 1 micro-batch each) for the LM objective.
+
+    The balance statistics cover one micro-batch across all ranks (README), so the aux and z
+    losses are off here; everything else about the step must be the same.
+    """
+    no_aux = ["moe.aux_loss_coef=0", "moe.z_loss_coef=0", "train.steps=5"]
+    accumulated = train_run(tmp_path, "accum", 1, 1, [*no_aux, "train.grad_accum=2"])
+    wide = train_run(tmp_path, "wide", 2, 2, no_aux)
+    for a, w in zip(accumulated, wide):
+        assert a["loss"] == pytest.approx(w["loss"], rel=1e-5), a["step"]
+        assert a["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), a["step"]

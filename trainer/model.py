@@ -159,10 +159,12 @@ class Transformer(nn.Module):
         cfg = self.cfg
         std = 1.0 / math.sqrt(cfg.d_model)
         out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+        moe_params = set()
         for moe in self.moe_layers:
             moe.init_weights(seed, std, out_scale / math.sqrt(self.moe_cfg.d_ff))
+            moe_params.update(id(p) for p in moe.parameters())
         for name, param in self.named_parameters():
-            if is_expert_param(param) or name.endswith("router.weight"):
+            if id(param) in moe_params:  # router and experts: initialised by their layer above
                 continue
             if param.dim() == 1:  # norm gains
                 param.fill_(1.0)

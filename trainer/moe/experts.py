@@ -54,7 +54,7 @@ class Experts(nn.Module):
         for local, x_xD in enumerate(torch.split(x_XD, tokens_per_expert)):
             h_xF = F.silu(x_xD @ w1[local].t()) * (x_xD @ w3[local].t())
             outputs.append(h_xF @ w2[local].t())
-        return torch.cat(outputs) if outputs else x_XD.new_zeros(x_XD.shape)
+        return torch.cat(outputs)
 
     def _forward_grouped(self, x_XD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         offs_L = torch.tensor(tokens_per_expert, device=x_XD.device).cumsum(0).to(torch.int32)

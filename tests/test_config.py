@@ -1,5 +1,9 @@
 """Bad configuration: one line naming the key, a non-zero exit, before any process group exists."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from trainer.__main__ import main
@@ -58,12 +62,29 @@ def test_overrides_keep_types_and_accept_null_and_exponents():
     validate(cfg, world_size=2)
 
 
-def test_every_rank_fails_the_same_way_under_torchrun(tmp_path):
+EXPECTED_LINE = "error: config: moe.num_experts: moe.num_experts=6 is not divisible by parallel.ep=4"
+
+
+def test_every_rank_fails_identically_before_any_process_group(tmp_path):
+    """Four real ranks with no launcher and no peers: had any of them tried to create a process
+    group it would wait for the others until the timeout instead of exiting at once."""
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "trainer", "train", TINY, "moe.num_experts=6", "parallel.ep=4",
+                          f"run.dir={tmp_path / 'run'}"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "RANK": str(r), "LOCAL_RANK": str(r),
+                              "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})
+        for r in range(4)
+    ]
+    results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+    assert all(code == 2 and err == EXPECTED_LINE + "\n" for code, err in results), results
+
+
+def test_torchrun_reports_the_config_error(tmp_path):
+    # torchrun stops the other ranks once one fails, so not every rank may get to print
     result = run_cli(["train", TINY, "moe.num_experts=6", "parallel.ep=4", f"run.dir={tmp_path / 'run'}"], nproc=4)
     assert result.returncode != 0
     lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert len(lines) == 4 and len(set(lines)) == 1, result.stderr
-    assert lines[0] == "error: config: moe.num_experts: moe.num_experts=6 is not divisible by parallel.ep=4"
+    assert lines and set(lines) == {EXPECTED_LINE}, result.stderr
 
 
 def test_existing_run_dir_is_refused_and_left_alone(tmp_path, monkeypatch, capsys):

@@ -16,7 +16,9 @@ EXIT_FAILED = 1
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # one write call: lines from several ranks sharing a pipe stay whole
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     return code
 
 

@@ -106,7 +106,9 @@ def test_debug_splits_catches_ranks_that_disagree_on_the_layer():
 
 def _timeout_worker(rank, world_size):
     from trainer.moe import MoE
-    layer = MoE(D, 8, 4, top_k=1, ep_group=dist.group.WORLD, layer_id=3)
+    # a short timeout on the layer's group only, so slow process start-up cannot trip it
+    short = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=3))
+    layer = MoE(D, 8, 4, top_k=1, ep_group=short, layer_id=3)
     layer.init_weights(0)
     if rank == 0:  # rank 1 never joins the forward: rank 0 must fail, not hang
         with pytest.raises(CollectiveError, match=r"moe layer 3: .* failed"):
@@ -114,4 +116,4 @@ def _timeout_worker(rank, world_size):
 
 
 def test_a_missing_peer_becomes_an_error_naming_the_layer():
-    run_processes(_timeout_worker, 2, timeout_s=3)
+    run_processes(_timeout_worker, 2)

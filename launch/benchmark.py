@@ -16,7 +16,6 @@ Every layout gets the same 2 cores: OMP_NUM_THREADS=2 for 1-process runs and 1 f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,6 +24,8 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
+
+from trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 WARMUP_STEPS = 10  # log lines at or before this step are left out of the median
@@ -58,8 +59,7 @@ def run_one(nproc: int, overrides: list[str], config: str, steps: int, run_dir: 
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-30:])
         sys.exit(f"benchmark: run failed (exit {proc.returncode}): {' '.join(cmd)}\n--- stderr tail ---\n{tail}")
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_metrics(run_dir)
 
 
 def summarize(records: list[dict]) -> dict:

@@ -11,7 +11,6 @@ runs log 0). Each run is labelled with its directory name. Needs matplotlib
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,14 +19,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from trainer.tracking import read_metrics  # noqa: E402
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+
+def load_run(run_dir: Path) -> list[dict]:
+    try:
+        return read_metrics(run_dir)
+    except FileNotFoundError:
         print(f"error: {run_dir} has no metrics.jsonl", file=sys.stderr)
         sys.exit(2)
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def main() -> int:
@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     args = parser.parse_args()
-    runs = [(d.resolve().name, read_metrics(d)) for d in args.run_dirs]
+    runs = [(d.resolve().name, load_run(d)) for d in args.run_dirs]
 
     fig, (ax_loss, ax_aux) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=[2, 1])
     for i, (name, records) in enumerate(runs):

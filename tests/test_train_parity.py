@@ -5,7 +5,9 @@ Dropless, fp32, aux and z losses on: per-step loss and gradient norm must agree 
 
 import pytest
 
-from .cli import read_metrics, run_cli
+from trainer.tracking import read_metrics
+
+from .cli import run_cli
 
 SMALL = [
     "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.seq_len=64",

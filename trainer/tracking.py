@@ -28,6 +28,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records a run wrote to `run_dir/metrics.jsonl`; FileNotFoundError if it wrote none."""
+    with open(Path(run_dir) / METRICS_FILE) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 class Tracker:
     """Rank 0 writes one JSON object per logged step; other ranks do nothing."""
 

@@ -30,8 +30,7 @@ def make_routing(rank: int, ep: int):
     keep_TK = torch.rand(T, K, generator=gen) > 0.2
     weight_TK = torch.rand(T, K, generator=gen).requires_grad_()
     x_TD = torch.randn(T, D, generator=gen).requires_grad_()
-    zero = torch.zeros((), dtype=torch.int64)
-    routing = Routing(expert_idx_TK, weight_TK, keep_TK, torch.zeros(()), torch.zeros(()), torch.zeros(E), zero, zero)
+    routing = Routing(expert_idx_TK, weight_TK, keep_TK, torch.zeros(E), torch.zeros(()), torch.zeros(E + 2))
     return x_TD, routing
 
 
@@ -95,13 +94,40 @@ def _mismatch_worker(rank, world_size):
     experts = 4 if rank == 0 else 8  # a rank built with a different expert count
     dispatcher = Dispatcher(experts, dist.group.WORLD, where="moe layer 5", debug_splits=True)
     idx = torch.zeros(3, 1, dtype=torch.int64)
-    routing = Routing(idx, torch.ones(3, 1), torch.ones(3, 1, dtype=torch.bool), None, None, None, None, None)
+    routing = Routing(idx, torch.ones(3, 1), torch.ones(3, 1, dtype=torch.bool), None, None, None)
     with pytest.raises(CollectiveError, match=r"moe layer 5: ranks of the EP group disagree"):
         dispatcher.dispatch(torch.randn(3, D), routing)
 
 
 def test_debug_splits_catches_ranks_that_disagree_on_the_layer():
     run_processes(_mismatch_worker, 2)
+
+
+def _corrupt_counts_worker(rank, world_size, debug_splits):
+    """Rank 1's count exchange delivers one count too many, as gloo does with mismatched splits:
+    the split-matrix check must name the layer and the rank instead of moving garbage rows."""
+    import trainer.moe.dispatch as dispatch_module
+    if rank == 1:
+        exchange = dispatch_module.all_to_all_counts
+
+        def corrupted(send_counts, group, where):
+            recv = exchange(send_counts, group, where)
+            recv[0, 0] += 1
+            return recv
+        dispatch_module.all_to_all_counts = corrupted
+    dispatcher = Dispatcher(4, dist.group.WORLD, where="moe layer 2", debug_splits=debug_splits)
+    idx = torch.tensor([[0], [1], [2], [3]])
+    routing = Routing(idx, torch.ones(4, 1), torch.ones(4, 1, dtype=torch.bool), None, None, None)
+    if rank == 1:
+        with pytest.raises(CollectiveError, match=r"moe layer 2: EP rank 1 received counts .* senders report"):
+            dispatcher.dispatch(torch.randn(4, D), routing)
+    else:
+        with pytest.raises(CollectiveError):  # its peer stopped: the layer's next collective fails, named
+            dispatcher.dispatch(torch.randn(4, D), routing)
+
+
+def test_debug_splits_catches_a_corrupted_count_exchange():
+    run_processes(_corrupt_counts_worker, 2, True, timeout_s=10.0)
 
 
 def _timeout_worker(rank, world_size):

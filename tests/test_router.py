@@ -1,6 +1,7 @@
-"""Router closed forms: aux loss values, capacity and drops, k=1 weights, padding."""
+"""Router closed forms: aux loss values, capacity and drops, k=1 weights, padding, fp32 scores."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,7 +9,16 @@ import torch
 from trainer.config import ModelConfig, MoEConfig
 from trainer.model import Transformer
 from trainer.moe import MoE, Router
-from trainer.moe.router import capacity
+from trainer.moe.router import RoutingCounts, balance_losses, capacity
+
+
+def route(router: Router, x: torch.Tensor, valid=None) -> SimpleNamespace:
+    """The pure router plus what the MoE layer derives from it on one process."""
+    routing = router(x, valid)
+    counts = RoutingCounts.split(routing.local_counts)
+    aux_loss, z_loss = balance_losses(routing, counts, 1, router.top_k)
+    return SimpleNamespace(**vars(routing), aux_loss=aux_loss, z_loss=z_loss, routed_E=counts.routed_E,
+                           dropped=counts.dropped, routes=counts.valid_tokens * router.top_k)
 
 
 def router_with_identity_gate(E: int, K: int = 1, scale: float = 20.0, **kwargs) -> Router:
@@ -26,7 +36,7 @@ def one_hot_tokens(experts: list[int], E: int) -> torch.Tensor:
 def test_balanced_routing_gives_aux_loss_of_exactly_one():
     E = 4
     router = router_with_identity_gate(E)
-    routing = router(one_hot_tokens([0, 1, 2, 3] * 3, E))
+    routing = route(router, one_hot_tokens([0, 1, 2, 3] * 3, E))
     assert routing.routed_E.tolist() == [3, 3, 3, 3]
     assert routing.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
 
@@ -34,7 +44,7 @@ def test_balanced_routing_gives_aux_loss_of_exactly_one():
 def test_uniform_probabilities_with_balanced_choices_give_one_for_top2():
     E, K = 4, 2
     router = router_with_identity_gate(E, K, scale=0.0)  # every probability is exactly 1/E
-    routing = router(torch.randn(8, E))
+    routing = route(router, torch.randn(8, E))
     # with f summing to 1 over all K choices, E * sum_i f_i * (1/E) is 1 whatever the choices
     assert routing.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
 
@@ -43,7 +53,7 @@ def test_skewed_routing_gives_more_and_the_closed_form():
     E = 4
     router = router_with_identity_gate(E, scale=5.0)
     x = one_hot_tokens([0, 0, 0, 0, 0, 1], E)
-    routing = router(x)
+    routing = route(router, x)
     probs = torch.softmax(x * 5.0, dim=-1)
     f = torch.tensor([5, 1, 0, 0]) / 6.0
     expected = E * (f * probs.mean(0)).sum()
@@ -64,7 +74,7 @@ def test_capacity_formula():
 def test_position_policy_drops_the_latest_tokens_beyond_capacity():
     E = 2
     router = router_with_identity_gate(E, capacity_factor=1.0)  # C = ceil(6 * 1 / 2) = 3
-    routing = router(one_hot_tokens([0, 0, 1, 0, 0, 0], E))
+    routing = route(router, one_hot_tokens([0, 0, 1, 0, 0, 0], E))
     assert routing.keep_TK[:, 0].tolist() == [True, True, True, True, False, False]
     assert routing.dropped.item() == 2 and routing.routes.item() == 6
     assert routing.routed_E.tolist() == [5, 1]  # counts before drops
@@ -74,7 +84,7 @@ def test_probs_policy_keeps_the_most_confident_routes():
     E = 2
     router = router_with_identity_gate(E, capacity_factor=1.0, drop_policy="probs")
     x = one_hot_tokens([0, 0, 1, 0, 0, 0], E) * torch.tensor([0.1, 0.2, 1.0, 0.9, 0.8, 0.3])[:, None]
-    routing = router(x)
+    routing = route(router, x)
     # expert 0 gets tokens 0,1,3,4,5 with confidence rising in x; the top three are 3, 4, 5
     assert routing.keep_TK[:, 0].tolist() == [False, False, True, True, True, True]
     assert routing.dropped.item() == 2
@@ -87,7 +97,7 @@ def test_first_choices_take_capacity_before_second_choices():
         router.weight.copy_(torch.eye(E) * 10.0)
     # token 0, 1: first choice expert 2 and second expert 0; tokens 2, 3: first choice expert 0
     x = torch.tensor([[1.0, 0, 2.0], [1.0, 0, 2.0], [2.0, 0, 1.0], [2.0, 0, 1.0]])
-    routing = router(x)
+    routing = route(router, x)
     assert routing.expert_idx_TK.tolist() == [[2, 0], [2, 0], [0, 2], [0, 2]]
     # each expert gets 2 first choices and 2 second choices for 2 slots: every first choice is kept
     # (token order alone would have given expert 0's slots to tokens 0 and 1's second choices)
@@ -154,3 +164,29 @@ def test_router_gradient_depends_on_aux_coefficient_and_loss_adds_up():
     model(idx, idx).aux_loss.backward()
     aux_grad = model.blocks[0].ffn.router.weight.grad
     torch.testing.assert_close(grads[0.5] - grads[0.0], 0.5 * aux_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_router_scores_stay_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    router = Router(32, 8, 2)
+    torch.nn.init.normal_(router.weight)
+    x = torch.randn(64, 32)
+    plain = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = router(x)
+    assert mixed.weight_TK.dtype == torch.float32 and mixed.prob_sum_E.dtype == torch.float32
+    # identical choices and weights: bf16 logits would flip near-ties and round the weights
+    assert torch.equal(mixed.expert_idx_TK, plain.expert_idx_TK)
+    assert torch.equal(mixed.weight_TK, plain.weight_TK)
+
+
+def test_aux_loss_is_averaged_over_layers_not_summed():
+    model = Transformer(ModelConfig(d_model=16, n_layers=3, n_heads=2, seq_len=8),
+                        MoEConfig(num_experts=4, top_k=2, d_ff=32))
+    model.init_weights(0)
+    with torch.no_grad():
+        for layer in model.moe_layers:
+            layer.router.weight.zero_()  # uniform probabilities: each layer's aux loss is exactly 1
+    out = model(torch.randint(0, 256, (2, 8)))
+    assert len(model.moe_layers) == 3
+    assert out.aux_loss.item() == pytest.approx(1.0, abs=1e-6)

@@ -1,52 +1,85 @@
-"""CLI: `python -m trainer train CONFIG.yaml [key=value ...]`, alone or under torchrun."""
+"""CLI: `python -m trainer train|check CONFIG.yaml [key=value ...]`, alone or under torchrun.
+
+Errors are one line on stderr. An error that is the same on every rank (a bad config, an
+unusable run.dir, ranks that disagree, a non-finite loss) is printed by rank 0 only; a failed
+collective is printed by each rank that saw it, prefixed with the rank.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config, validate
-from .data import DataError
-from .dist import env_world_size
-from .moe.collectives import CollectiveError
+from .dist import env_rank, env_world_size
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
-def _fail(message: str, code: int) -> int:
-    # one write call: lines from several ranks sharing a pipe stay whole
-    sys.stderr.write(f"error: {message}\n")
-    sys.stderr.flush()
+def _fail(message: str, code: int, every_rank: bool = False) -> int:
+    if every_rank or env_rank() == 0:
+        # one write call: lines from several ranks sharing a pipe stay whole
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Expert-parallel MoE trainer.")
     commands = parser.add_subparsers(dest="command", required=True)
-    train_cmd = commands.add_parser("train", help="train a model from a YAML config")
-    train_cmd.add_argument("config", help="YAML file, e.g. configs/tiny.yaml")
-    train_cmd.add_argument("overrides", nargs="*", metavar="key=value",
-                           help="dotted overrides, e.g. moe.num_experts=16 train.steps=100")
-    args = parser.parse_args(argv)
+    for name, help_text in (("train", "train a model from a YAML config"),
+                            ("check", "validate a config against this machine without starting anything")):
+        cmd = commands.add_parser(name, help=help_text)
+        cmd.add_argument("config", help="YAML file, e.g. configs/tiny.yaml")
+        cmd.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="dotted overrides, e.g. moe.num_experts=16 train.steps=100")
+        if name == "check":
+            cmd.add_argument("--nproc", type=int, default=None,
+                             help="world size the run will have (default: $WORLD_SIZE, else 1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    world_size = getattr(args, "nproc", None) or env_world_size()
 
     # everything here runs before any process group exists, identically on every rank
     try:
         cfg = load_config(args.config, args.overrides)
-        validate(cfg, env_world_size())
+        validate(cfg, world_size)
+        from .preflight import preflight  # imports torch: only once the config parses
+
+        preflight(cfg, world_size)
     except ConfigError as e:
         return _fail(f"config: {e}", EXIT_BAD_INPUT)
 
-    from .train import RunDirError, train  # torch-heavy imports only once the config is good
+    if args.command == "check":
+        from .rundir import RunDirError, inspect_run_dir
 
-    rank = os.environ.get("RANK", "0")
+        try:
+            inspect_run_dir(Path(cfg.run.dir))
+        except RunDirError as e:
+            return _fail(str(e), EXIT_BAD_INPUT)
+        print(f"ok: {args.config} is valid for {world_size} process(es); run.dir {cfg.run.dir} is free")
+        return 0
+    return _run_training(cfg)
+
+
+def _run_training(cfg) -> int:
+    from .agreement import AgreementError, ReplicaMismatchError
+    from .moe.collectives import CollectiveError
+    from .train import NonFiniteError, train
+
     try:
         train(cfg)
-    except (RunDirError, DataError) as e:
+    except AgreementError as e:
         return _fail(str(e), EXIT_BAD_INPUT)
+    except (NonFiniteError, ReplicaMismatchError) as e:
+        return _fail(str(e), EXIT_FAILED)
     except CollectiveError as e:
-        return _fail(f"rank {rank}: {e}", EXIT_FAILED)
+        return _fail(f"rank {env_rank()}: {e}", EXIT_FAILED, every_rank=True)
     return 0
 
 

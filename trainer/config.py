@@ -7,6 +7,7 @@ so the CLI can print a single line and exit before any process group exists.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+
+BYTE_VOCAB = 256  # tokens are bytes
 
 
 class ConfigError(ValueError):
@@ -66,6 +70,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still measured)
+    skip_nonfinite: int = 0  # steps with a non-finite loss or grad norm that may be skipped; 0 = stop at the first
     seed: int = 1337
     eval_every: int = 100  # 0 = only at the end
     eval_batches: int = 4  # global batches of the validation split per evaluation
@@ -130,13 +135,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -238,8 +248,8 @@ def validate(cfg: Config, world_size: int) -> None:
     _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads",
              f"head size d_model/n_heads={m.d_model // m.n_heads} must be even for rotary embeddings")
     _require(m.dense_d_ff is None or m.dense_d_ff >= 1, "model.dense_d_ff", f"must be >= 1, got {m.dense_d_ff}")
-    _require(m.vocab_size >= 256 or d.dataset != "stdlib", "model.vocab_size",
-             f"byte-level data needs vocab_size >= 256, got {m.vocab_size}")
+    _require(m.vocab_size >= BYTE_VOCAB, "model.vocab_size",
+             f"tokens are bytes (0-255) for every data.dataset, so it must be >= {BYTE_VOCAB}, got {m.vocab_size}")
 
     _require(e.num_experts >= 0, "moe.num_experts", f"must be >= 0 (0 = dense), got {e.num_experts}")
     if e.num_experts > 0:
@@ -274,6 +284,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _require(0 <= t.beta2 < 1, "train.beta2", f"must be in [0, 1), got {t.beta2}")
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
     _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    _require(t.skip_nonfinite >= 0, "train.skip_nonfinite", f"must be >= 0, got {t.skip_nonfinite}")
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     _choice(t.dtype, "train.dtype", ("fp32", "bf16"))
 

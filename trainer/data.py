@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import DataConfig
-from .moe.router import derived_seed
+from .seeding import derived_seed
 
 DOC_SEPARATOR = b"\n\n"
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -94,7 +94,24 @@ def _file_documents(cfg: DataConfig) -> tuple[list[tuple[str, bytes]], str]:
     return [(str(p.relative_to(root)), p.read_bytes()) for p in files], f"files {root}/{cfg.glob}"
 
 
+def dataset_script_problem(hf_name: str) -> str | None:
+    """Why `hf_name` would run a dataset script (arbitrary code), or None.
+
+    `datasets` >= 4 no longer runs scripts, and we never pass `trust_remote_code`; this check also
+    covers an older `datasets` installed by hand."""
+    path = Path(hf_name).expanduser()
+    if path.suffix == ".py":
+        return f"{hf_name} is a Python dataset script"
+    if path.is_dir() and (path / f"{path.name}.py").is_file():
+        return f"{hf_name} holds the dataset script {path.name}.py"
+    return None
+
+
 def _hf_documents(cfg: DataConfig) -> tuple[list[tuple[str, bytes]], str]:
+    problem = dataset_script_problem(cfg.hf_name)
+    if problem:
+        raise DataError(f"data.hf_name: {problem}; dataset scripts run arbitrary code and are refused "
+                        "(use data.hf_name=text|json|parquet|csv with data.hf_data_files)")
     try:
         import datasets
     except ImportError:
@@ -123,6 +140,14 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     description = (f"{source}: {len(docs)} documents, {len(train) / 1e6:.2f} MB train, "
                    f"{len(val) / 1e6:.2f} MB val, fingerprint {fingerprint}")
     return Corpus(_tokens(train), _tokens(val), description, fingerprint)
+
+
+def check_vocabulary(corpus: Corpus, vocab_size: int) -> None:
+    """Every token id must index the embedding; an id beyond it would crash deep in the model."""
+    for name, tokens in (("train", corpus.train), ("val", corpus.val)):
+        if len(tokens) and int(tokens.max()) >= vocab_size:
+            raise DataError(f"model.vocab_size: the {name} split holds token id {int(tokens.max())}, "
+                            f"beyond model.vocab_size={vocab_size}")
 
 
 class TokenBatches:

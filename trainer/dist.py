@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from .config import ParallelConfig
+from .moe.collectives import named_collective
 
 
 @dataclass
@@ -53,42 +54,61 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def pick_device(preference: str) -> torch.device:
+    """The device of this rank; `trainer.preflight` has already refused cuda without CUDA."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but torch.cuda.is_available() is False")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def init_distributed(cfg: ParallelConfig, device: torch.device) -> Layout:
-    """Initialise the default group (when launched with WORLD_SIZE > 1) and build EP/EDP groups."""
-    world_size = env_world_size()
-    rank = int(os.environ.get("RANK", "0"))
+def resolve_backend(cfg: ParallelConfig, device: torch.device) -> str:
+    return cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+
+
+def init_world(cfg: ParallelConfig, device: torch.device) -> Optional[ProcessGroup]:
+    """Join the default (world) group when launched with WORLD_SIZE > 1; None for one process.
+
+    Only the world group exists afterwards: ranks compare their configs over it
+    (`trainer.agreement`) before `make_layout` creates groups whose shape depends on the config.
+    """
+    if env_world_size() == 1:
+        return None
+    if not dist.is_initialized():
+        backend = resolve_backend(cfg, device)
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        with named_collective("process-group setup", f"joining the {backend} world group"):
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s), **kwargs)
+    return dist.group.WORLD
+
+
+def make_layout(cfg: ParallelConfig, device: torch.device) -> Layout:
+    """Build the EP and expert-data-parallel groups, each with `parallel.timeout_s`."""
+    world_size, rank = env_world_size(), env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size == 1:
         return Layout(0, 1, local_rank, cfg.ep, device, None, None, None)
-
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    if not dist.is_initialized():
-        kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s), **kwargs)
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
     ep = cfg.ep
-    ep_group = expert_dp_group = None
-    # new_group is collective over the world: every rank creates every group, in the same order
-    for first in range(0, world_size, ep):
-        ranks = list(range(first, first + ep))
-        group = dist.new_group(ranks) if ep > 1 else None
-        if rank in ranks:
-            ep_group = group
+
+    def partition(groups_of_ranks: list[list[int]]) -> Optional[ProcessGroup]:
+        # new_group is collective over the world: every rank creates every group, in the same order
+        mine = None
+        for ranks in groups_of_ranks:
+            with named_collective("process-group setup", f"new_group({ranks})"):
+                group = dist.new_group(ranks, timeout=timeout)
+            if rank in ranks:
+                mine = group
+        return mine
+
+    ep_group = partition([list(range(first, first + ep)) for first in range(0, world_size, ep)]) if ep > 1 else None
     replicas = world_size // ep
-    for position in range(ep):
-        ranks = list(range(position, world_size, ep))
-        group = dist.new_group(ranks) if replicas > 1 else None
-        if rank in ranks:
-            expert_dp_group = group
+    expert_dp_group = partition([list(range(pos, world_size, ep)) for pos in range(ep)]) if replicas > 1 else None
     return Layout(rank, world_size, local_rank, ep, device, dist.group.WORLD, ep_group, expert_dp_group)
 
 

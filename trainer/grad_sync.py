@@ -11,6 +11,10 @@ ranks' losses. So, for the gradient of the global loss:
 
 Clipping: norm^2 = (dense, identical on every rank, counted once)
                  + SUM over the EP group of (local experts), which counts each expert once.
+
+Expert parameters are those held by `Experts` modules (module membership), so a deepcopy or
+a meta-device build cannot turn an expert into a "dense" parameter averaged with other experts.
+Every collective here raises `CollectiveError` naming the operation; the loop adds the step.
 """
 
 from __future__ import annotations
@@ -18,20 +22,22 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed import ProcessGroup
 
 from .dist import Layout
-from .moe.experts import is_expert_param
+from .moe.collectives import all_reduce_sum_
+from .moe.experts import expert_parameters
 
 
 def split_dense_expert(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(replicated parameters, expert parameters), by the module that holds each one."""
+    experts = {id(p) for p in expert_parameters(model)}
     dense, expert = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (expert if is_expert_param(p) else dense).append(p)
+            (expert if id(p) in experts else dense).append(p)
     return dense, expert
 
 
@@ -58,13 +64,12 @@ def _buckets(tensors: list[torch.Tensor], max_numel: int) -> list[list[torch.Ten
     return buckets
 
 
-def sum_and_scale_(grads: list[torch.Tensor], group: Optional[ProcessGroup], scale: float,
+def sum_and_scale_(grads: list[torch.Tensor], group: Optional[ProcessGroup], scale: float, what: str,
                    bucket_numel: int = 1 << 24) -> None:
     """grads <- scale * SUM_group(grads), in flat buckets to keep collectives few."""
     for bucket in _buckets(grads, bucket_numel):
         flat = _flatten_dense_tensors(bucket)
-        if group is not None:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        all_reduce_sum_(flat, group, "gradient sync", f"all_reduce of {what} gradients")
         flat.mul_(scale)
         for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             g.copy_(synced)
@@ -78,8 +83,8 @@ class GradSync:
     def reduce(self) -> None:
         """Turn each rank's local gradients into the gradient of the global mean loss."""
         inv_world = 1.0 / self.layout.world_size
-        sum_and_scale_(_grads(self.dense), self.layout.world_group, inv_world)
-        sum_and_scale_(_grads(self.expert), self.layout.expert_dp_group, inv_world)
+        sum_and_scale_(_grads(self.dense), self.layout.world_group, inv_world, "dense")
+        sum_and_scale_(_grads(self.expert), self.layout.expert_dp_group, inv_world, "expert")
 
     def global_norm(self) -> torch.Tensor:
         """The one-process gradient norm, identical on every rank (call after `reduce`)."""
@@ -90,8 +95,7 @@ class GradSync:
         expert_sq = torch.zeros((), dtype=torch.float64, device=device)
         for g in _grads(self.expert):
             expert_sq += g.double().square().sum()
-        if self.layout.ep_group is not None:
-            dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=self.layout.ep_group)
+        all_reduce_sum_(expert_sq, self.layout.ep_group, "gradient clipping", "all_reduce of the expert norm")
         return (dense_sq + expert_sq).sqrt()
 
     def clip_(self, max_norm: float) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Shape legend: B batch, S sequence, D model dim, H heads, Hd head dim, V vocabulary.
 
-No distributed code here: the caller hands the EP and stats groups to the MoE layers.
+No distributed code here: the model is built without process groups (on the meta device when
+large) and `trainer.parallelize` applies the layout afterwards, then calls `init_weights`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed import ProcessGroup
 
 from .config import ModelConfig, MoEConfig
 from .moe import MoE, MoEStats
-from .moe.experts import is_expert_param
-from .moe.router import derived_seed
+from .moe.experts import expert_parameters
+from .seeding import derived_seed
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,14 +91,7 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        moe_cfg: MoEConfig,
-        ep_group: Optional[ProcessGroup] = None,
-        stats_group: Optional[ProcessGroup] = None,
-        debug_splits: bool = False,
-    ):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig):
         super().__init__()
         self.cfg, self.moe_cfg = cfg, moe_cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -106,17 +99,17 @@ class Transformer(nn.Module):
         for layer_id in range(cfg.n_layers):
             if self.is_moe_block(layer_id):
                 ffn = MoE(cfg.d_model, moe_cfg.d_ff, moe_cfg.num_experts, moe_cfg.top_k, moe_cfg.capacity_factor,
-                          ep_group, stats_group, layer_id, moe_cfg.normalize_top_k, moe_cfg.drop_policy,
-                          moe_cfg.expert_impl, debug_splits)
+                          layer_id=layer_id, normalize_top_k=moe_cfg.normalize_top_k,
+                          drop_policy=moe_cfg.drop_policy, expert_impl=moe_cfg.expert_impl)
             else:
                 ffn = DenseFFN(cfg.d_model, cfg.dense_d_ff or moe_cfg.d_ff)
             blocks.append(Block(cfg, ffn))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos_SHd, sin_SHd = rotary_tables(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
-        self.register_buffer("cos_SHd", cos_SHd, persistent=False)
-        self.register_buffer("sin_SHd", sin_SHd, persistent=False)
+        # filled by init_weights: on the meta device they hold no data yet
+        self.register_buffer("cos_SHd", torch.empty(cfg.seq_len, cfg.d_model // cfg.n_heads), persistent=False)
+        self.register_buffer("sin_SHd", torch.empty(cfg.seq_len, cfg.d_model // cfg.n_heads), persistent=False)
 
     def is_moe_block(self, layer_id: int) -> bool:
         return self.moe_cfg.num_experts > 0 and (layer_id + 1) % self.cfg.moe_every == 0
@@ -130,8 +123,14 @@ class Transformer(nn.Module):
         idx_BS: torch.Tensor,
         targets_BS: Optional[torch.Tensor] = None,
         valid_BS: Optional[torch.Tensor] = None,
+        lm_tokens: Optional[float] = None,
     ) -> ModelOutput:
-        """`targets_BS` of -100 are ignored by the LM loss; `valid_BS` False marks padding for routing."""
+        """`targets_BS` of -100 are ignored by the LM loss; `valid_BS` False marks padding for routing.
+
+        The LM loss is the summed cross-entropy divided by `lm_tokens`, by default this call's
+        number of scored targets (a plain mean). The trainer passes the global batch's scored
+        targets per rank and micro-batch, so every token weighs the same whichever rank holds it.
+        """
         S = idx_BS.shape[1]
         if S > self.cfg.seq_len:
             raise ValueError(f"sequence length {S} exceeds model.seq_len={self.cfg.seq_len}")
@@ -148,7 +147,11 @@ class Transformer(nn.Module):
         logits_BSV = self.lm_head(self.norm(x_BSD))
         loss = lm_loss = None
         if targets_BS is not None:
-            lm_loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=-100)
+            lm_sum = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=-100,
+                                     reduction="sum")
+            if lm_tokens is None:
+                lm_tokens = (targets_BS != -100).sum().clamp(min=1)
+            lm_loss = lm_sum / lm_tokens
             loss = lm_loss + self.moe_cfg.aux_loss_coef * aux_loss + self.moe_cfg.z_loss_coef * z_loss
         return ModelOutput(logits_BSV, loss, lm_loss, aux_loss, z_loss, stats)
 
@@ -157,6 +160,9 @@ class Transformer(nn.Module):
         """Deterministic, layout-independent init: each dense tensor from a seed of (seed, its name),
         each expert from a seed of (seed, layer, global expert id)."""
         cfg = self.cfg
+        cos_SHd, sin_SHd = rotary_tables(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.cos_SHd.copy_(cos_SHd)
+        self.sin_SHd.copy_(sin_SHd)
         std = 1.0 / math.sqrt(cfg.d_model)
         out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
         moe_params = set()
@@ -184,8 +190,8 @@ class Transformer(nn.Module):
     def flops_per_token(self) -> float:
         """Forward+backward FLOPs per token with only the active (top-k) experts counted."""
         cfg, moe = self.cfg, self.moe_cfg
-        dense = sum(p.numel() for n, p in self.named_parameters()
-                    if not is_expert_param(p) and n != "embed.weight")
+        experts = {id(p) for p in expert_parameters(self)}
+        dense = sum(p.numel() for n, p in self.named_parameters() if id(p) not in experts and n != "embed.weight")
         active_experts = sum(moe.top_k * 3 * cfg.d_model * moe.d_ff for _ in self.moe_layers)
         attention = 12 * cfg.n_layers * cfg.d_model * cfg.seq_len // 2  # causal: half the scores
         return 6.0 * (dense + active_experts) + attention

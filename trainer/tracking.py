@@ -1,4 +1,5 @@
-"""What a run reports: `metrics.jsonl` (always, rank 0), wandb (optional), a progress bar."""
+"""What a run reports: `metrics.jsonl` (always, rank 0), wandb (optional), a progress bar,
+and the assembly of each step's statistics into the record that goes there."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -32,6 +34,49 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records a run wrote to `run_dir/metrics.jsonl`; FileNotFoundError if it wrote none."""
     with open(Path(run_dir) / METRICS_FILE) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class StepStats:
+    """Sums over the micro-batches of one optimizer step, kept on the device until read."""
+
+    def __init__(self, device: torch.device):
+        self.losses = torch.zeros(4, dtype=torch.float64, device=device)  # loss, lm, aux, z
+        self.dropped = torch.zeros((), dtype=torch.float64, device=device)
+        self.routes = torch.zeros((), dtype=torch.float64, device=device)
+        self.load_max = torch.zeros((), dtype=torch.float64, device=device)  # busiest / mean, worst layer
+
+    def add(self, out, micro_batches: int) -> None:
+        """`out` is a `trainer.model.ModelOutput` of one micro-batch."""
+        self.losses += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().double() / micro_batches
+        for s in out.moe_stats:  # already summed over every rank by the MoE layer
+            self.dropped += s.dropped
+            self.routes += s.routes
+            load = s.routed_E.double()
+            self.load_max = torch.maximum(self.load_max, load.max() / load.mean().clamp(min=1e-9))
+
+    def routing_summary(self) -> torch.Tensor:
+        """[dropped fraction, worst load ratio], identical on every rank."""
+        return torch.stack([self.dropped / self.routes.clamp(min=1), self.load_max])
+
+
+LOSS_FIELDS = ("loss", "lm_loss", "aux_loss", "z_loss")
+
+
+def train_record(step: int, losses: list[float], grad_norm: float, lr: float, routing: list[float],
+                 tokens_per_s: float, epoch: float, elapsed_s: float, skipped_steps: int,
+                 mfu: Optional[float]) -> dict:
+    """The `metrics.jsonl` line of a logged training step (README: metrics table)."""
+    record = {"step": step, **dict(zip(LOSS_FIELDS, losses)), "grad_norm": grad_norm, "lr": lr,
+              "tokens_per_s": tokens_per_s, "dropped_frac": routing[0], "expert_load_max": routing[1],
+              "epoch": epoch, "elapsed_s": elapsed_s, "skipped_steps": skipped_steps}
+    if mfu is not None:
+        record["mfu"] = mfu
+    return record
+
+
+def eval_record(step: int, val_loss: float) -> dict:
+    """An evaluation's line: only what the evaluation measured, so nothing stale is repeated."""
+    return {"step": step, "val_loss": val_loss}
 
 
 class Tracker:

@@ -1,7 +1,12 @@
-"""The training loop: config -> layout -> model -> data -> steps (forward, backward, sync, clip, step) -> eval.
+"""The training loop: setup -> `train_step` -> log record, read top to bottom.
 
-Read top to bottom. One optimizer step consumes `train.batch_size` sequences in total,
-split evenly over the ranks and, on each rank, over `train.grad_accum` micro-batches.
+One optimizer step consumes `train.batch_size` sequences in total, split evenly over the
+ranks and, on each rank, over `train.grad_accum` micro-batches.
+
+Start-up order matters: before the first collective that depends on the config, every rank
+has checked the machine (`preflight`, in the CLI), rank 0 holds the run.dir lock, and all
+ranks have compared configs and data over the world group (`agreement`). Only then are the
+EP groups created and the model materialised.
 """
 
 from __future__ import annotations
@@ -9,32 +14,28 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 
+from .agreement import StartReport, check_replicas_identical, flat_config, require_agreement
 from .config import Config, save_config, to_dict
-from .data import TokenBatches, load_corpus
-from .dist import Layout, init_distributed, pick_device, shutdown
+from .data import Corpus, DataError, TokenBatches, check_vocabulary, load_corpus
+from .dist import Layout, env_rank, init_world, make_layout, pick_device, shutdown
 from .grad_sync import GradSync
-from .model import ModelOutput, Transformer
-from .moe.collectives import CollectiveError
-from .tracking import METRICS_FILE, Tracker, print0, progress_bar
+from .model import Transformer
+from .moe.collectives import CollectiveError, all_reduce_sum_
+from .parallelize import parallelize
+from .rundir import RunDirError, RunDirLock
+from .tracking import StepStats, Tracker, eval_record, print0, progress_bar, train_record
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 
 
-class RunDirError(ValueError):
-    """`run.dir` cannot be used for this run; the message says why."""
-
-
-def prepare_run_dir(cfg: Config) -> Path:
-    run_dir = Path(cfg.run.dir)
-    if (run_dir / METRICS_FILE).exists():
-        raise RunDirError(f"run.dir: {run_dir} already holds a run ({METRICS_FILE} exists) and resuming from "
-                          "checkpoints is not implemented yet; choose a new run.dir or remove the old one")
-    return run_dir
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm stopped being finite; the same on every rank."""
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -54,92 +55,150 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
 
 
-def world_mean(values: list[float], layout: Layout) -> list[float]:
-    """Mean over all ranks of a few scalars, in one collective."""
-    t = torch.tensor(values, dtype=torch.float64, device=layout.device)
-    if layout.world_group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=layout.world_group)
-        t /= layout.world_size
-    return t.tolist()
-
-
 def autocast_context(cfg: Config, device: torch.device):
     if cfg.train.dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+def build_model(cfg: Config, layout: Layout) -> Transformer:
+    """Built on the meta device with no process groups, then sharded, materialised and initialised."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.moe)
+    return parallelize(model, layout, cfg.train.seed, cfg.parallel.debug_splits)
+
+
+@dataclass
+class Trainer:
+    """What a step needs; built once by `build_trainer`."""
+
+    cfg: Config
+    layout: Layout
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    grad_sync: GradSync
+
+
+def build_trainer(cfg: Config, layout: Layout) -> Trainer:
+    model = build_model(cfg, layout)
+    grad_sync = GradSync(model, layout)
+    check_replicas_identical(model, grad_sync.expert, layout.world_group, layout.expert_dp_group)
+    return Trainer(cfg, layout, model, build_optimizer(model, cfg), grad_sync)
+
+
+@dataclass
+class StepResult:
+    losses: list[float]  # loss, lm, aux, z: global means
+    grad_norm: float  # before clipping, identical on every rank
+    routing: list[float]  # dropped fraction, worst expert load ratio
+    applied: bool  # False: non-finite, the optimizer step was skipped
+
+
+def train_step(tr: Trainer, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> StepResult:
+    """Forward and backward over this rank's micro-batches, gradient sync, clipping, update.
+
+    The update is applied only when the global loss and gradient norm are finite; the caller
+    decides whether a skipped step stops the run."""
+    cfg, layout, A = tr.cfg, tr.layout, tr.cfg.train.grad_accum
+    device = layout.device
+    micro = inputs.shape[0] // A
+    # the LM loss weighs every scored token of the global batch alike, whichever rank holds it:
+    # each rank divides its summed cross-entropy by (global scored tokens) / (world * micro-batches)
+    scored = (targets != -100).sum().to(device=device, dtype=torch.float64)
+    all_reduce_sum_(scored, layout.world_group, "train step", "all_reduce of scored token counts")
+    lm_tokens = (scored.clamp(min=1) / (layout.world_size * A)).float()
+
+    stats = StepStats(device)
+    for m in range(A):
+        rows = slice(m * micro, (m + 1) * micro)
+        with autocast_context(cfg, device):
+            out = tr.model(inputs[rows].to(device), targets[rows].to(device), lm_tokens=lm_tokens)
+        (out.loss / A).backward()
+        stats.add(out, A)
+
+    tr.grad_sync.reduce()
+    grad_norm = tr.grad_sync.clip_(cfg.train.grad_clip)
+    all_reduce_sum_(stats.losses, layout.world_group, "train step", "all_reduce of losses")
+    # one device-to-host copy for everything the step reports
+    host = torch.cat([stats.losses / layout.world_size, grad_norm.double().view(1), stats.routing_summary()]).tolist()
+    losses, norm, routing = host[:4], host[4], host[5:]
+    applied = math.isfinite(losses[0]) and math.isfinite(norm)
+    if applied:
+        for group in tr.optimizer.param_groups:
+            group["lr"] = lr
+        tr.optimizer.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    return StepResult(losses, norm, routing, applied)
+
+
 @torch.no_grad()
-def evaluate(model: Transformer, batches: TokenBatches, cfg: Config, layout: Layout) -> float:
-    """Mean LM loss over `train.eval_batches` global validation batches; every rank takes part."""
-    model.eval()
-    total = 0.0
+def evaluate(tr: Trainer, batches: TokenBatches) -> float:
+    """LM loss over `train.eval_batches` global validation batches, weighted by token; every rank takes part."""
+    cfg, layout = tr.cfg, tr.layout
+    tr.model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=layout.device)  # summed cross-entropy, scored tokens
     for index in range(cfg.train.eval_batches):
         inputs, targets = (t.to(layout.device) for t in batches.batch(index))
         with autocast_context(cfg, layout.device):
-            total += model(inputs, targets).lm_loss.item()
-    model.train()
-    return world_mean([total / cfg.train.eval_batches], layout)[0]
+            ce_sum = tr.model(inputs, targets, lm_tokens=1.0).lm_loss
+        sums += torch.stack([ce_sum.double(), (targets != -100).sum().double()])
+    tr.model.train()
+    all_reduce_sum_(sums, layout.world_group, "evaluation", "all_reduce of validation losses")
+    return (sums[0] / sums[1].clamp(min=1)).item()
 
 
-class StepStats:
-    """Sums over the micro-batches of one optimizer step, kept on the device until read."""
-
-    def __init__(self, device: torch.device):
-        self.losses = torch.zeros(4, dtype=torch.float64, device=device)  # loss, lm, aux, z
-        self.dropped = torch.zeros((), dtype=torch.float64, device=device)
-        self.routes = torch.zeros((), dtype=torch.float64, device=device)
-        self.load_max = torch.zeros((), dtype=torch.float64, device=device)  # busiest / mean, worst layer
-
-    def add(self, out: ModelOutput, micro_batches: int) -> None:
-        self.losses += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().double() / micro_batches
-        for s in out.moe_stats:
-            self.dropped += s.dropped
-            self.routes += s.routes
-            load = s.routed_E.double()
-            self.load_max = torch.maximum(self.load_max, load.max() / load.mean().clamp(min=1e-9))
-
-    def read(self) -> tuple[list[float], float, float]:
-        """([loss, lm, aux, z] of this rank, dropped fraction, worst load ratio) in one device-to-host copy."""
-        dropped_frac = self.dropped / self.routes.clamp(min=1)
-        host = torch.cat([self.losses, torch.stack([dropped_frac, self.load_max])]).tolist()
-        return host[:4], host[4], host[5]
+def start(cfg: Config) -> tuple[Layout, Corpus, Optional[RunDirLock]]:
+    """Lock run.dir (rank 0), load the corpus, join the world and agree, then build the layout."""
+    device = pick_device(cfg.train.device)
+    is_main = env_rank() == 0
+    problem, lock, corpus = None, None, None
+    if is_main:
+        try:
+            lock = RunDirLock(Path(cfg.run.dir)).acquire()
+        except RunDirError as e:
+            problem = str(e)
+    if problem is None:
+        try:
+            corpus = load_corpus(cfg.data)
+            check_vocabulary(corpus, cfg.model.vocab_size)
+        except DataError as e:
+            problem = str(e)
+    world_group = init_world(cfg.parallel, device)
+    try:
+        report = StartReport(flat_config(cfg), corpus.fingerprint if corpus else None, problem)
+        require_agreement(report, world_group)
+        return make_layout(cfg.parallel, device), corpus, lock
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        shutdown()
+        raise
 
 
 def train(cfg: Config) -> dict:
     """Run training as configured; returns the last logged metrics (on every rank)."""
-    run_dir = prepare_run_dir(cfg)
-    device = pick_device(cfg.train.device)
-    layout = init_distributed(cfg.parallel, device)
+    layout, corpus, lock = start(cfg)
     try:
-        return _train(cfg, layout, run_dir)
+        return _train(cfg, layout, corpus, Path(cfg.run.dir))
     finally:
         shutdown()
+        if lock is not None:
+            lock.release()
 
 
-def _train(cfg: Config, layout: Layout, run_dir: Path) -> dict:
-    t = cfg.train
+def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path) -> dict:
+    t, S = cfg.train, cfg.model.seq_len
     if layout.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-
-    torch.manual_seed(t.seed)
-    model = Transformer(cfg.model, cfg.moe, layout.ep_group, layout.world_group, cfg.parallel.debug_splits)
-    model.init_weights(t.seed)
-    model.to(layout.device)
-    optimizer = build_optimizer(model, cfg)
-    grad_sync = GradSync(model, layout)
-
-    corpus = load_corpus(cfg.data)
-    S = cfg.model.seq_len
+    tr = build_trainer(cfg, layout)
     train_batches = TokenBatches(corpus.train, S, t.batch_size, layout.rank, layout.world_size, t.seed, True, "train")
     val_batches = TokenBatches(corpus.val, S, t.batch_size, layout.rank, layout.world_size, t.seed, False, "val")
-    micro = t.batch_size // layout.world_size // t.grad_accum
 
-    n_params = sum(p.numel() for p in model.parameters())
-    n_expert = sum(p.numel() for p in grad_sync.expert)
+    micro = t.batch_size // layout.world_size // t.grad_accum
+    n_params = sum(p.numel() for p in tr.model.parameters())
+    n_expert = sum(p.numel() for p in tr.grad_sync.expert)
     print0(layout.is_main, f"data: {corpus.description}")
-    print0(layout.is_main, f"model: {cfg.model.n_layers} layers, {len(model.moe_layers)} MoE, "
+    print0(layout.is_main, f"model: {cfg.model.n_layers} layers, {len(tr.model.moe_layers)} MoE, "
                            f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k}; this rank holds "
                            f"{n_params / 1e6:.2f}M params ({n_expert / 1e6:.2f}M expert)")
     print0(layout.is_main, f"layout: world {layout.world_size}, ep {layout.ep}, {layout.num_replicas} expert "
@@ -152,53 +211,46 @@ def _train(cfg: Config, layout: Layout, run_dir: Path) -> dict:
                  if layout.device.type == "cuda" and k in torch.cuda.get_device_name(layout.device)), None)
     tokens_per_step = t.batch_size * S
     last: dict = {}
-    window_time, window_steps = 0.0, 0
-    start = time.perf_counter()
+    window_time, window_steps, skipped = 0.0, 0, 0
+    start_time = time.perf_counter()
     step = 0
     try:
         for step in range(1, t.steps + 1):
             step_start = time.perf_counter()
             lr = lr_at(step - 1, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
             inputs, targets = train_batches.batch(step - 1)
-            stats = StepStats(layout.device)
-            for m in range(t.grad_accum):
-                rows = slice(m * micro, (m + 1) * micro)
-                with autocast_context(cfg, layout.device):
-                    out = model(inputs[rows].to(layout.device), targets[rows].to(layout.device))
-                (out.loss / t.grad_accum).backward()
-                stats.add(out, t.grad_accum)
-
-            grad_sync.reduce()
-            grad_norm = grad_sync.clip_(t.grad_clip).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            result = train_step(tr, inputs, targets, lr)
+            if not result.applied:
+                skipped += 1
+                what = "loss" if not math.isfinite(result.losses[0]) else "gradient norm"
+                value = result.losses[0] if what == "loss" else result.grad_norm
+                if skipped > t.skip_nonfinite:
+                    allowance = (f"{skipped - 1} step(s) skipped before, train.skip_nonfinite={t.skip_nonfinite}"
+                                 if t.skip_nonfinite else "train.skip_nonfinite=N skips up to N such steps")
+                    raise NonFiniteError(f"step {step}: non-finite {what} ({value}); the run stopped without "
+                                         f"applying this step ({allowance})")
+                print0(layout.is_main, f"step {step}: non-finite {what} ({value}), step skipped "
+                                       f"({skipped} of train.skip_nonfinite={t.skip_nonfinite})")
             if layout.device.type == "cuda":
                 torch.cuda.synchronize(layout.device)
             window_time += time.perf_counter() - step_start
             window_steps += 1
 
-            is_log = step % cfg.run.log_every == 0 or step == t.steps
-            is_eval = step == t.steps or (t.eval_every > 0 and step % t.eval_every == 0)
-            if is_log:
-                local_losses, dropped_frac, load_max = stats.read()
-                loss, lm, aux, z = world_mean(local_losses, layout)
+            record = None
+            if step % cfg.run.log_every == 0 or step == t.steps:
                 tokens_per_s = tokens_per_step * window_steps / window_time
-                last = {"step": step, "loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z,
-                        "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens_per_s,
-                        "dropped_frac": dropped_frac, "expert_load_max": load_max,
-                        "epoch": train_batches.epoch_of(step), "elapsed_s": time.perf_counter() - start}
-                if peak is not None:
-                    last["mfu"] = model.flops_per_token() * tokens_per_s / (peak * layout.world_size)
+                mfu = tr.model.flops_per_token() * tokens_per_s / (peak * layout.world_size) if peak else None
+                record = train_record(step, result.losses, result.grad_norm, lr, result.routing, tokens_per_s,
+                                      train_batches.epoch_of(step), time.perf_counter() - start_time, skipped, mfu)
                 window_time, window_steps = 0.0, 0
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
-            if is_eval:
-                last = dict(last, step=step, val_loss=evaluate(model, val_batches, cfg, layout))
-                print0(layout.is_main, f"step {step}: val_loss {last['val_loss']:.4f}")
-            if is_log or is_eval:
-                tracker.log(last)
+                bar.set_postfix(loss=f"{result.losses[0]:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            if step == t.steps or (t.eval_every > 0 and step % t.eval_every == 0):
+                evaluated = eval_record(step, evaluate(tr, val_batches))
+                record = {**record, **evaluated} if record else evaluated
+                print0(layout.is_main, f"step {step}: val_loss {evaluated['val_loss']:.4f}")
+            if record is not None:
+                tracker.log(record)
+                last = {**last, **record}
             bar.update(1)
     except CollectiveError as e:
         raise CollectiveError(f"step {step}: {e}") from e
@@ -206,7 +258,7 @@ def _train(cfg: Config, layout: Layout, run_dir: Path) -> dict:
         bar.close()
         tracker.close()
 
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start_time
     print0(layout.is_main, f"done: {t.steps} steps in {elapsed:.1f}s, loss {last.get('loss', float('nan')):.4f}, "
                            f"val_loss {last.get('val_loss', float('nan')):.4f}, "
                            f"{tokens_per_step * t.steps / elapsed:.0f} tokens/s (incl. eval)")

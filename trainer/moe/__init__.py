@@ -1,8 +1,8 @@
 """Mixture-of-Experts building blocks; `MoE` is the public, drop-in layer."""
 
 from .collectives import CollectiveError
-from .experts import Experts, is_expert_param
+from .experts import Experts, expert_parameters
 from .layer import MoE, MoEOutput, MoEStats
 from .router import Router, Routing
 
-__all__ = ["CollectiveError", "Experts", "MoE", "MoEOutput", "MoEStats", "Router", "Routing", "is_expert_param"]
+__all__ = ["CollectiveError", "Experts", "MoE", "MoEOutput", "MoEStats", "Router", "Routing", "expert_parameters"]

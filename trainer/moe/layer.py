@@ -2,6 +2,11 @@
 
 Shape legend: T tokens on this rank, D model dim, K top-k, E experts (global),
 X rows for this rank's local experts.
+
+Built without process groups, the layer holds every expert. `apply_expert_parallel` then
+keeps this rank's share of the experts and hands the layer its groups: the trainer does
+this from `trainer.parallelize`, after building the model on the meta device. The layer
+performs the one reduction of routing statistics over its stats group.
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from .collectives import group_rank, group_size
+from .collectives import all_reduce_sum_, group_rank, group_size
 from .dispatch import Dispatcher
 from .experts import Experts, default_init_std
-from .router import Router
+from .router import Router, RoutingCounts, balance_losses
 
 
 @dataclass
@@ -78,11 +83,28 @@ class MoE(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.where = f"moe layer {layer_id}"
-        self.stats_group = stats_group if stats_group is not None else ep_group
         self.router = Router(d_model, num_experts, top_k, capacity_factor, normalize_top_k, drop_policy)
-        self.dispatcher = Dispatcher(num_experts, ep_group, self.where, debug_splits)
+        self.experts = Experts(num_experts, d_model, d_ff, 0, expert_impl)
+        self.dispatcher = Dispatcher(num_experts, None, self.where, debug_splits)
+        self.stats_group: Optional[ProcessGroup] = None
+        if ep_group is not None or stats_group is not None:
+            self.apply_expert_parallel(ep_group, stats_group, debug_splits)
+
+    def apply_expert_parallel(self, ep_group: Optional[ProcessGroup], stats_group: Optional[ProcessGroup] = None,
+                              debug_splits: Optional[bool] = None) -> None:
+        """Keep only this rank's experts of `ep_group` and sum balance statistics over `stats_group`.
+
+        Call once, on a layer that still holds every expert (on the meta device, or materialised:
+        then the kept experts keep their values). `stats_group` defaults to `ep_group`.
+        """
+        if self.experts.num_local_experts != self.router.num_experts:
+            raise RuntimeError(f"{self.where}: expert parallelism was already applied")
+        debug = self.dispatcher.debug_splits if debug_splits is None else debug_splits
+        self.dispatcher = Dispatcher(self.router.num_experts, ep_group, self.where, debug)
         num_local = self.dispatcher.num_local_experts
-        self.experts = Experts(num_local, d_model, d_ff, group_rank(self.dispatcher.ep_group) * num_local, expert_impl)
+        first = group_rank(self.dispatcher.ep_group) * num_local
+        self.experts = self.experts.local_slice(first, num_local)
+        self.stats_group = stats_group if stats_group is not None else ep_group
 
     @property
     def ep_size(self) -> int:
@@ -92,7 +114,11 @@ class MoE(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         valid_T = None if valid is None else valid.reshape(-1)
-        routing = self.router(x_TD, valid_T, self.stats_group, self.where)
+        routing = self.router(x_TD, valid_T)
+        # the layer's one reduction: routing counts over every rank whose loss the sync averages
+        counts = RoutingCounts.split(all_reduce_sum_(
+            routing.local_counts, self.stats_group, self.where, "all_reduce of routing statistics"))
+        aux_loss, z_loss = balance_losses(routing, counts, group_size(self.stats_group), self.router.top_k)
         if torch.is_autocast_enabled(x.device.type):  # send half-width rows, experts run in it anyway
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         x_XD, plan = self.dispatcher.dispatch(x_TD, routing)
@@ -100,9 +126,9 @@ class MoE(nn.Module):
         out_TD = self.dispatcher.combine(y_XD, plan)
         return MoEOutput(
             out=out_TD.to(x.dtype).view(shape),
-            aux_loss=routing.aux_loss,
-            z_loss=routing.z_loss,
-            stats=MoEStats(routing.routed_E, routing.dropped, routing.routes),
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            stats=MoEStats(counts.routed_E, counts.dropped, counts.valid_tokens * self.router.top_k),
         )
 
     def init_weights(self, seed: int, std: Optional[float] = None, out_std: Optional[float] = None) -> None:

@@ -1,34 +1,31 @@
-"""Token-choice top-k router: fp32 scores, capacity and drops, load-balancing and z losses.
+"""Token-choice top-k router: fp32 scores, capacity and drops, and the balance losses.
 
 Shape legend: T tokens (on this rank), D model dim, E experts (global), K top-k,
 N = T*K routes.
 
-Layout invariance. Balance statistics are summed over `stats_group` (every data-parallel
-rank in the trainer), so the loss one rank computes, averaged over ranks by the gradient
-sync, equals the loss one process computes on the whole global batch:
+The router is pure: it sees only this rank's tokens and performs no collective. It returns
+this rank's routing counts (`local_counts`); the MoE layer sums them over its stats group (the
+one reduction) and hands the global counts to `balance_losses`.
+
+Layout invariance. With counts summed over every data-parallel rank, the loss one rank
+computes, averaged over ranks by the gradient sync, equals the loss one process computes on
+the whole global batch:
   * f_E (share of routes per expert) uses the global route counts;
   * the local share of P_E (mean full-softmax probability) and of the z-loss is
-    sum-over-local-tokens * W / global_tokens, so the mean over the W ranks is the global mean.
+    sum-over-local-tokens * W / global_valid_tokens, so the mean over the W ranks is the
+    global mean, whatever the number of valid tokens on each rank.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed import ProcessGroup
 
-from .collectives import all_reduce_sum_, group_size
-
-
-def derived_seed(*parts: int | str) -> int:
-    """A 63-bit seed from (seed, layer, expert, ...), the same in every process and layout."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+from ..seeding import derived_seed
 
 
 @dataclass
@@ -36,11 +33,36 @@ class Routing:
     expert_idx_TK: torch.Tensor  # int64, chosen experts (global ids)
     weight_TK: torch.Tensor  # fp32 combine weights (differentiable)
     keep_TK: torch.Tensor  # bool, route is dispatched (valid token and within capacity)
-    aux_loss: torch.Tensor  # fp32 scalar, this rank's share of E * sum_i f_i * P_i
-    z_loss: torch.Tensor  # fp32 scalar, this rank's share of mean(logsumexp(logits)^2)
-    routed_E: torch.Tensor  # int64, routes per expert before drops, summed over stats_group
-    dropped: torch.Tensor  # int64 scalar, routes dropped by capacity, summed over stats_group
-    routes: torch.Tensor  # int64 scalar, valid routes (valid tokens * K), summed over stats_group
+    prob_sum_E: torch.Tensor  # fp32, full-softmax probabilities summed over valid local tokens (differentiable)
+    z_sum: torch.Tensor  # fp32 scalar, logsumexp(logits)^2 summed over valid local tokens (differentiable)
+    local_counts: torch.Tensor  # int64 [E + 2]: routes per expert before drops, dropped routes, valid tokens
+
+
+@dataclass
+class RoutingCounts:
+    """Counts of one forward, summed over the stats group: see `RoutingCounts.split`."""
+
+    routed_E: torch.Tensor  # int64, routes per expert before capacity drops
+    dropped: torch.Tensor  # int64 scalar, routes dropped by capacity
+    valid_tokens: torch.Tensor  # int64 scalar
+
+    @staticmethod
+    def split(counts: torch.Tensor) -> "RoutingCounts":
+        return RoutingCounts(counts[:-2], counts[-2], counts[-1])
+
+
+def balance_losses(routing: Routing, global_counts: RoutingCounts, stats_ranks: int, top_k: int):
+    """This rank's shares of the aux loss E * sum_i f_i * P_i and of the z-loss mean(lse^2).
+
+    `global_counts` are summed over the `stats_ranks` ranks whose mean the gradient sync takes.
+    """
+    E = routing.prob_sum_E.shape[0]
+    valid_global = global_counts.valid_tokens.clamp(min=1).double()
+    share = (stats_ranks / valid_global).float()
+    f_E = (global_counts.routed_E.double() / (valid_global * top_k)).float()
+    aux_loss = E * (f_E * routing.prob_sum_E).sum() * share
+    z_loss = routing.z_sum * share
+    return aux_loss, z_loss
 
 
 def capacity(num_valid_tokens: torch.Tensor, capacity_factor: float, top_k: int, num_experts: int) -> torch.Tensor:
@@ -91,13 +113,7 @@ class Router(nn.Module):
         self.drop_policy = drop_policy
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
 
-    def forward(
-        self,
-        x_TD: torch.Tensor,
-        valid_T: Optional[torch.Tensor] = None,
-        stats_group: Optional[ProcessGroup] = None,
-        where: str = "router",
-    ) -> Routing:
+    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> Routing:
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
@@ -126,28 +142,14 @@ class Router(nn.Module):
             keep_TK = valid_TK & (position_TK < cap)
         dropped = (valid_TK & ~keep_TK).sum()
 
-        stats = torch.cat([routed_E, dropped.view(1), num_valid.view(1)]).to(torch.int64)
-        all_reduce_sum_(stats, stats_group, where, "all_reduce of routing statistics")
-        routed_global_E, dropped_global, valid_global = stats[:E], stats[E], stats[E + 1]
-
-        # each rank's share, so that the mean over the W ranks is the global quantity
-        W = group_size(stats_group)
-        share = W / valid_global.clamp(min=1).double()
         valid_f_T = valid_T.float()
-        f_E = routed_global_E.double() / (valid_global.clamp(min=1).double() * K)
-        p_sum_E = (probs_TE * valid_f_T[:, None]).sum(0)
-        aux_loss = E * (f_E.float() * p_sum_E).sum() * share.float()
-        z_loss = (torch.logsumexp(logits_TE, dim=-1).square() * valid_f_T).sum() * share.float()
-
         return Routing(
             expert_idx_TK=expert_idx_TK,
             weight_TK=weight_TK,
             keep_TK=keep_TK,
-            aux_loss=aux_loss,
-            z_loss=z_loss,
-            routed_E=routed_global_E,
-            dropped=dropped_global,
-            routes=valid_global * K,
+            prob_sum_E=(probs_TE * valid_f_T[:, None]).sum(0),
+            z_sum=(torch.logsumexp(logits_TE, dim=-1).square() * valid_f_T).sum(),
+            local_counts=torch.cat([routed_E, dropped.view(1), num_valid.view(1)]).to(torch.int64),
         )
 
     def init_weights(self, seed: int, layer_id: int, std: float) -> None:

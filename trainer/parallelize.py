@@ -1,0 +1,31 @@
+"""Apply the (expert replica, ep) layout to a model that was built without process groups.
+
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.moe)      # every expert, no storage, no groups
+    parallelize(model, layout, seed, debug_splits)   # keep my experts, hand out groups,
+                                                     # materialise, initialise
+
+Initialisation happens after sharding and is still layout-independent: each expert draws
+from a seed of (seed, layer, global expert id), each dense tensor from (seed, its name).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .dist import Layout
+from .moe import MoE
+
+
+def parallelize(model: nn.Module, layout: Layout, seed: int, debug_splits: bool = False) -> nn.Module:
+    """Shard the experts of every MoE layer over `layout.ep_group`, then materialise on
+    `layout.device` and initialise. Balance statistics are summed over the world group, since
+    every rank is data-parallel. Returns `model`, changed in place."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.apply_expert_parallel(layout.ep_group, layout.world_group, debug_splits)
+    model.to_empty(device=layout.device)
+    with torch.no_grad():
+        model.init_weights(seed)
+    return model

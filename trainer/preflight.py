@@ -1,0 +1,136 @@
+"""Checks of a valid config against this machine, before any process group or allocation.
+
+`config.validate` checks values against each other; this module checks them against the
+machine: the device and backend exist, optional packages are installed, dataset scripts are
+refused, grouped GEMM can run, and parameters plus activations fit in memory. Every problem
+is one `ConfigError` naming the key, raised identically on every rank.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError
+from .data import dataset_script_problem
+from .moe.experts import grouped_mm_problem
+
+GiB = 1 << 30
+BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + two fp32 AdamW moments
+
+
+def _cuda_wanted(cfg: Config) -> bool:
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+
+
+def check_device(cfg: Config) -> None:
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda was asked for but torch.cuda.is_available() is False "
+                          f"(torch {torch.__version__}); use train.device=cpu")
+    if cfg.parallel.backend == "nccl" and not _cuda_wanted(cfg):
+        raise ConfigError("parallel.backend: nccl needs CUDA devices, but this run is on the CPU "
+                          "(no CUDA, or train.device=cpu); use parallel.backend=gloo or auto")
+    if cfg.moe.expert_impl == "grouped_mm" and cfg.moe.num_experts > 0:
+        device = torch.device("cuda" if _cuda_wanted(cfg) else "cpu")
+        dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+        problem = grouped_mm_problem(device, dtype, cfg.model.d_model, cfg.moe.d_ff)
+        if problem:
+            raise ConfigError(f"moe.expert_impl: grouped_mm cannot run here: {problem}; use auto (falls back) or loop")
+
+
+def check_packages_and_data(cfg: Config) -> None:
+    d = cfg.data
+    if cfg.run.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("run.tracker: wandb is not installed; pip install -e '.[wandb]' or run.tracker=none")
+    if d.dataset == "hf":
+        problem = dataset_script_problem(d.hf_name)
+        if problem:
+            raise ConfigError(f"data.hf_name: {problem}; dataset scripts run arbitrary code and are refused "
+                              "(use data.hf_name=text|json|parquet|csv with data.hf_data_files)")
+        if importlib.util.find_spec("datasets") is None:
+            raise ConfigError("data.dataset: hf needs the Hugging Face datasets package; pip install -e '.[hf]'")
+    if d.dataset == "files" and not Path(d.path).expanduser().exists():
+        raise ConfigError(f"data.path: {d.path} does not exist")
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@dataclass
+class MemoryEstimate:
+    """A lower bound of one rank's peak memory in bytes, from the config alone."""
+
+    params_and_optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.params_and_optimizer + self.activations
+
+
+def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
+    m, e, t = cfg.model, cfg.moe, cfg.train
+    D, S, V, L = m.d_model, m.seq_len, m.vocab_size, m.n_layers
+    n_moe = sum(1 for layer in range(L) if e.num_experts > 0 and (layer + 1) % m.moe_every == 0)
+    dense_ff = m.dense_d_ff or e.d_ff
+    local_experts = e.num_experts // cfg.parallel.ep if e.num_experts else 0
+    params = (2 * V * D  # embedding and head
+              + L * (4 * D * D + 2 * D)  # attention and norms
+              + (L - n_moe) * 3 * D * dense_ff
+              + n_moe * (local_experts * 3 * D * e.d_ff + e.num_experts * D))
+    rotary = 2 * S * (D // m.n_heads) * 4
+    micro = t.batch_size // world_size // t.grad_accum
+    tokens = micro * S
+    ffn_floats = max(e.top_k * (3 * e.d_ff + 3 * D) + 2 * e.num_experts if n_moe else 0, 3 * dense_ff)
+    per_token_layer = 12 * D + ffn_floats  # what autograd keeps per token and layer, roughly
+    activations = 4 * tokens * (L * per_token_layer + 3 * V)
+    batch_rows = (t.batch_size // world_size) * (S + 1) * 8 * 3  # int64 windows, inputs, targets
+    return MemoryEstimate(float(params * BYTES_PER_PARAM + rotary), float(activations + batch_rows))
+
+
+def available_memory_per_rank(cfg: Config, world_size: int) -> tuple[float, str]:
+    """(bytes, where) that one rank may use: its GPU, or its share of this node's available RAM."""
+    if _cuda_wanted(cfg) and torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+        return float(torch.cuda.get_device_properties(local_rank).total_memory), f"GPU {local_rank}"
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return float(available) / ranks_here, f"1/{ranks_here} of this machine's available RAM"
+
+
+def check_memory(cfg: Config, world_size: int) -> None:
+    estimate = estimate_memory(cfg, world_size)
+    available, where = available_memory_per_rank(cfg, world_size)
+    if estimate.total <= available:
+        return
+    if estimate.activations >= estimate.params_and_optimizer:
+        keys = ["train.batch_size", "model.seq_len", "model.d_model", "train.grad_accum"]
+        if cfg.model.seq_len > cfg.train.batch_size:
+            keys[0], keys[1] = keys[1], keys[0]
+    else:
+        keys = ["model.d_model", "model.n_layers", "moe.num_experts", "moe.d_ff", "parallel.ep", "model.vocab_size"]
+        if cfg.model.seq_len > cfg.model.d_model * 1024:
+            keys.insert(0, "model.seq_len")
+    raise ConfigError(f"{keys[0]}: this run needs at least {estimate.total / GiB:,.1f} GiB per rank "
+                      f"(parameters and optimizer {estimate.params_and_optimizer / GiB:,.1f} GiB, activations "
+                      f"{estimate.activations / GiB:,.1f} GiB) but {where} is {available / GiB:,.1f} GiB; "
+                      f"the size is driven by {', '.join(keys)}")
+
+
+def preflight(cfg: Config, world_size: int) -> None:
+    """Everything that can be known before joining a process group; raises ConfigError."""
+    check_device(cfg)
+    check_packages_and_data(cfg)
+    check_memory(cfg, world_size)

@@ -19,6 +19,10 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
 fi
 
 if [[ -x .venv/bin/torchrun ]]; then torchrun=.venv/bin/torchrun; else torchrun=torchrun; fi
+if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
+
+# validate the config on this machine first: a typo is one line, not torchrun's failure report
+"$python" -m trainer check "$@" parallel.backend=gloo train.device=cpu --nproc "$NPROC" >/dev/null
 
 exec "$torchrun" --standalone --nproc-per-node "$NPROC" \
     -m trainer train "$@" parallel.backend=gloo train.device=cpu

@@ -21,6 +21,10 @@ if [[ -z "${NPROC:-}" ]]; then
 fi
 
 if [[ -x .venv/bin/torchrun ]]; then torchrun=.venv/bin/torchrun; else torchrun=torchrun; fi
+if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
+
+# validate the config on this machine first: a typo is one line, not torchrun's failure report
+"$python" -m trainer check "$@" train.device=cuda --nproc "$NPROC" >/dev/null
 
 exec "$torchrun" --standalone --nproc-per-node "$NPROC" \
     -m trainer train "$@" train.device=cuda

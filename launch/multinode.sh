@@ -32,6 +32,10 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 RDZV_ID="${RDZV_ID:-moe-trainer}"
 
 if [[ -x .venv/bin/torchrun ]]; then torchrun=.venv/bin/torchrun; else torchrun=torchrun; fi
+if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
+
+# validate the config on this node first: a typo is one line, not torchrun's failure report
+LOCAL_WORLD_SIZE="$NPROC_PER_NODE" "$python" -m trainer check "$@" --nproc $((NNODES * NPROC_PER_NODE)) >/dev/null
 
 exec "$torchrun" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID" \

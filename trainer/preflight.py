@@ -93,21 +93,16 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
 
 
 def available_memory_per_rank(cfg: Config, world_size: int) -> tuple[float, str]:
-    """(bytes, where) that one rank may use: its GPU, or its share of this node's available RAM."""
+    """(bytes, where) one rank could ever use: its GPU, or its share of this node's RAM.
+
+    Totals, not what is free right now: the check refuses configs that cannot fit at all, and
+    must not refuse a valid one because the machine is busy for a moment."""
     if _cuda_wanted(cfg) and torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
         return float(torch.cuda.get_device_properties(local_rank).total_memory), f"GPU {local_rank}"
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-    available = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if available is None:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return float(available) / ranks_here, f"1/{ranks_here} of this machine's available RAM"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return float(total) / ranks_here, f"1/{ranks_here} of this machine's RAM"
 
 
 def check_memory(cfg: Config, world_size: int) -> None:

@@ -42,7 +42,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # overrides may also follow an option (`check CONFIG --nproc 2 key=value`): argparse leaves
+    # those over, and parse_intermixed_args does not support subcommands
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *rest]
     world_size = getattr(args, "nproc", None) or env_world_size()
 
     # everything here runs before any process group exists, identically on every rank
@@ -69,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_training(cfg) -> int:
     from .agreement import AgreementError, ReplicaMismatchError
+    from .data import DataError
     from .moe.collectives import CollectiveError
     from .train import NonFiniteError, train
 
     try:
         train(cfg)
-    except AgreementError as e:
+    except (AgreementError, DataError) as e:  # DataError: the corpus is read once more per rank after start-up
         return _fail(str(e), EXIT_BAD_INPUT)
     except (NonFiniteError, ReplicaMismatchError) as e:
         return _fail(str(e), EXIT_FAILED)

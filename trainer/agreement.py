@@ -115,19 +115,27 @@ def _checksum(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([words.sum(), (words * weights).sum()])
 
 
-def check_identical(named: list[tuple[str, torch.Tensor]], group: Optional[ProcessGroup], what: str) -> None:
-    """Raise ReplicaMismatchError naming the first tensor that differs between ranks of `group`."""
+def first_difference(named: list[tuple[str, torch.Tensor]], group: Optional[ProcessGroup], what: str) -> Optional[str]:
+    """The line naming the first tensor that differs between ranks of `group`, or None."""
     if group is None or not named:
-        return
+        return None
     sums_N2 = torch.stack([_checksum(t) for _, t in named])
     all_GN2 = all_gather_tensor(sums_N2, group, "start-up check", f"all_gather of {what} checksums")
     differs_GN = (all_GN2 != all_GN2[0]).any(-1)
-    if bool(differs_GN.any()):
-        ranks = dist.get_process_group_ranks(group)
-        index = int(differs_GN.any(0).nonzero()[0])
-        bad = [ranks[g] for g in differs_GN[:, index].nonzero().squeeze(1).tolist()]
-        raise ReplicaMismatchError(f"{what} {named[index][0]} differs between rank {ranks[0]} and "
-                                   f"rank{'s' if len(bad) > 1 else ''} {','.join(map(str, bad))} after initialisation")
+    if not bool(differs_GN.any()):
+        return None
+    ranks = dist.get_process_group_ranks(group)
+    index = int(differs_GN.any(0).nonzero()[0])
+    bad = [ranks[g] for g in differs_GN[:, index].nonzero().squeeze(1).tolist()]
+    return (f"{what} {named[index][0]} differs between rank {ranks[0]} and "
+            f"rank{'s' if len(bad) > 1 else ''} {','.join(map(str, bad))} after initialisation")
+
+
+def check_identical(named: list[tuple[str, torch.Tensor]], group: Optional[ProcessGroup], what: str) -> None:
+    """Raise ReplicaMismatchError naming the first tensor that differs between ranks of `group`."""
+    problem = first_difference(named, group, what)
+    if problem is not None:
+        raise ReplicaMismatchError(problem)
 
 
 def check_replicas_identical(model: nn.Module, expert_params: list[nn.Parameter], world_group: Optional[ProcessGroup],
@@ -136,4 +144,12 @@ def check_replicas_identical(model: nn.Module, expert_params: list[nn.Parameter]
     experts = {id(p) for p in expert_params}
     named = list(model.named_parameters())
     check_identical([(n, p) for n, p in named if id(p) not in experts], world_group, "replicated parameter")
-    check_identical([(n, p) for n, p in named if id(p) in experts], expert_dp_group, "expert parameter")
+    problem = first_difference([(n, p) for n, p in named if id(p) in experts], expert_dp_group, "expert parameter")
+    if world_group is not None and expert_dp_group is not None:
+        # only the replicas of an expert see its mismatch: share it, so every rank stops with the same line
+        problems: list[Optional[str]] = [None] * dist.get_world_size(world_group)
+        with named_collective("start-up check", "all_gather of expert check results"):
+            dist.all_gather_object(problems, problem, group=world_group)
+        problem = next((p for p in problems if p is not None), None)
+    if problem is not None:
+        raise ReplicaMismatchError(problem)

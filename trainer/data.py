@@ -142,12 +142,16 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     return Corpus(_tokens(train), _tokens(val), description, fingerprint)
 
 
-def check_vocabulary(corpus: Corpus, vocab_size: int) -> None:
-    """Every token id must index the embedding; an id beyond it would crash deep in the model."""
+def check_corpus(corpus: Corpus, vocab_size: int, seq_len: int) -> None:
+    """Every token id must index the embedding, and each split must hold one window."""
     for name, tokens in (("train", corpus.train), ("val", corpus.val)):
         if len(tokens) and int(tokens.max()) >= vocab_size:
             raise DataError(f"model.vocab_size: the {name} split holds token id {int(tokens.max())}, "
                             f"beyond model.vocab_size={vocab_size}")
+        if len(tokens) < seq_len + 1:
+            raise DataError(f"model.seq_len: the {name} split has {len(tokens)} tokens, fewer than "
+                            f"model.seq_len+1={seq_len + 1} (a smaller model.seq_len, more data, or another "
+                            "data.val_fraction)")
 
 
 class TokenBatches:

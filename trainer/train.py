@@ -22,7 +22,7 @@ import torch
 
 from .agreement import StartReport, check_replicas_identical, flat_config, require_agreement
 from .config import Config, save_config, to_dict
-from .data import Corpus, DataError, TokenBatches, check_vocabulary, load_corpus
+from .data import Corpus, DataError, TokenBatches, check_corpus, load_corpus
 from .dist import Layout, env_rank, init_world, make_layout, pick_device, shutdown
 from .grad_sync import GradSync
 from .model import Transformer
@@ -160,7 +160,7 @@ def start(cfg: Config) -> tuple[Layout, Corpus, Optional[RunDirLock]]:
     if problem is None:
         try:
             corpus = load_corpus(cfg.data)
-            check_vocabulary(corpus, cfg.model.vocab_size)
+            check_corpus(corpus, cfg.model.vocab_size, cfg.model.seq_len)
         except DataError as e:
             problem = str(e)
     world_group = init_world(cfg.parallel, device)

@@ -11,6 +11,7 @@ performs the one reduction of routing statistics over its stats group.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -105,6 +106,17 @@ class MoE(nn.Module):
         first = group_rank(self.dispatcher.ep_group) * num_local
         self.experts = self.experts.local_slice(first, num_local)
         self.stats_group = stats_group if stats_group is not None else ep_group
+
+    def __deepcopy__(self, memo: dict) -> "MoE":
+        """A copy shares the layer's process groups (handles to communicators, which cannot be
+        copied) and copies everything else: a deepcopy of a sharded model is a sharded model."""
+        for group in (self.dispatcher.ep_group, self.stats_group):
+            if group is not None:
+                memo[id(group)] = group
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return clone
 
     @property
     def ep_size(self) -> int:

@@ -70,6 +70,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still measured)
+    stop_at: int = 0  # > 0: save a checkpoint and stop after this step (the schedule still follows train.steps)
     skip_nonfinite: int = 0  # steps with a non-finite loss or grad norm that may be skipped; 0 = stop at the first
     seed: int = 1337
     eval_every: int = 100  # 0 = only at the end
@@ -102,6 +103,12 @@ class RunConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 100  # save every N steps; 0 = only at the end and when stopped by SIGTERM/SIGINT
+    keep: int = 2  # newest complete checkpoints kept under run.dir/checkpoints/
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -109,6 +116,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -199,6 +207,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         _merge(cfg, values, "")
+    return _apply_overrides(cfg, overrides)
+
+
+def _apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     for text in overrides:
         parts, value = parse_override(text)
         nested: Any = value
@@ -210,6 +222,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
+    """A config saved by `to_dict` (a checkpoint's), then overrides; the same checks as a file's."""
+    cfg = Config()
+    _merge(cfg, values, "")
+    return _apply_overrides(cfg, overrides)
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -284,6 +303,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _require(0 <= t.beta2 < 1, "train.beta2", f"must be in [0, 1), got {t.beta2}")
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
     _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    _require(t.stop_at >= 0, "train.stop_at", f"must be >= 0 (0 = run to train.steps), got {t.stop_at}")
     _require(t.skip_nonfinite >= 0, "train.skip_nonfinite", f"must be >= 0, got {t.skip_nonfinite}")
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     _choice(t.dtype, "train.dtype", ("fp32", "bf16"))
@@ -295,5 +315,7 @@ def validate(cfg: Config, world_size: int) -> None:
     if d.dataset == "hf":
         _require(d.hf_name is not None, "data.hf_name", "data.dataset=hf needs data.hf_name")
 
+    _require(cfg.ckpt.every >= 0, "ckpt.every", f"must be >= 0 (0 = only at the end), got {cfg.ckpt.every}")
+    _require(cfg.ckpt.keep >= 1, "ckpt.keep", f"must be >= 1, got {cfg.ckpt.keep}")
     _choice(r.tracker, "run.tracker", ("none", "wandb"))
     _require(bool(r.dir), "run.dir", "must not be empty")

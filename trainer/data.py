@@ -168,6 +168,11 @@ class TokenBatches:
         per_rank = global_batch // world_size
         self.first, self.count = rank * per_rank, per_rank
         self._epoch, self._order = -1, None
+        self._base_index = self._base_position = 0  # batch `index` starts at window position ...
+
+    def continue_from(self, index: int, position: int) -> None:
+        """Make global batch `index` start at window `position` (a resumed run, whatever batch size it had)."""
+        self._base_index, self._base_position = index, position
 
     def _window_order(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
@@ -183,12 +188,16 @@ class TokenBatches:
         """Inputs and targets [per-rank batch, seq_len] (int64) of global batch number `index`."""
         rows = []
         for j in range(self.first, self.first + self.count):
-            position = index * self.global_batch + j
+            position = self._base_position + (index - self._base_index) * self.global_batch + j
             epoch, within = divmod(position, self.num_windows)
             start = int(self._window_order(epoch)[within]) * self.seq_len
             rows.append(self.tokens[start:start + self.seq_len + 1])
         window_BS1 = torch.stack(rows).long()
         return window_BS1[:, :-1], window_BS1[:, 1:]
 
+    def position_of(self, index: int) -> int:
+        """Windows consumed before global batch `index`."""
+        return self._base_position + (index - self._base_index) * self.global_batch
+
     def epoch_of(self, index: int) -> float:
-        return index * self.global_batch / self.num_windows
+        return self.position_of(index) / self.num_windows

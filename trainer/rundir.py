@@ -1,5 +1,8 @@
 """`run.dir`: one live run per directory, and one clear line when it cannot be used.
 
+A run.dir that holds a run resumes from its latest complete checkpoint (`trainer.checkpoint`);
+one with metrics but no checkpoint is refused, so nothing trained is overwritten.
+
 The run holds an exclusive `flock` on `run.dir/.lock` for its whole life; the kernel drops
 it when the process ends, however it ends, so a crashed run never leaves a stale lock. The
 lock file names the holder (host and pid) for the error a second run prints.
@@ -13,6 +16,7 @@ import os
 import socket
 from pathlib import Path
 
+from .checkpoint import complete_checkpoints
 from .tracking import METRICS_FILE
 
 LOCK_FILE = ".lock"
@@ -43,8 +47,8 @@ def inspect_run_dir(run_dir: Path) -> None:
         raise RunDirError(f"run.dir: {run_dir} cannot be created: {base} is not a directory")
     if not os.access(base, os.W_OK | os.X_OK):
         raise RunDirError(f"run.dir: {run_dir} cannot be written: {base} is not writable")
-    if (run_dir / METRICS_FILE).exists():
-        raise _holds_a_run(run_dir)
+    if (run_dir / METRICS_FILE).exists() and not complete_checkpoints(run_dir):
+        raise holds_a_run_without_checkpoint(run_dir)
     lock_path = run_dir / LOCK_FILE
     if lock_path.exists():
         with open(lock_path) as f:
@@ -54,9 +58,9 @@ def inspect_run_dir(run_dir: Path) -> None:
                 raise _in_use(run_dir, lock_path) from None
 
 
-def _holds_a_run(run_dir: Path) -> RunDirError:
-    return RunDirError(f"run.dir: {run_dir} already holds a run ({METRICS_FILE} exists) and resuming from "
-                       "checkpoints is not implemented yet; choose a new run.dir or remove the old one")
+def holds_a_run_without_checkpoint(run_dir: Path) -> RunDirError:
+    return RunDirError(f"run.dir: {run_dir} already holds a run ({METRICS_FILE} exists) but no complete checkpoint "
+                       "to resume from; choose a new run.dir or remove the old one")
 
 
 def _in_use(run_dir: Path, lock_path: Path) -> RunDirError:
@@ -95,9 +99,6 @@ class RunDirLock:
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise _in_use(run_dir, lock_path) from None
             raise RunDirError(f"run.dir: {run_dir} cannot be locked: {_reason(e)}") from None
-        if (run_dir / METRICS_FILE).exists():
-            f.close()
-            raise _holds_a_run(run_dir)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

@@ -36,6 +36,27 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def truncate_metrics(run_dir: Path, step: int) -> int:
+    """Keep the records of steps <= `step` (a resumed run's checkpoint); lines a dead run wrote
+    after it are dropped, so each step is logged once. Atomic: a new file replaces the old.
+    Returns how many lines were dropped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a kill
+    partial = path.with_name(METRICS_FILE + ".partial")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)
+    return len(lines) - len(kept)
+
+
 class StepStats:
     """Sums over the micro-batches of one optimizer step, kept on the device until read."""
 

@@ -21,15 +21,19 @@ from typing import Optional
 import torch
 
 from .agreement import StartReport, check_replicas_identical, flat_config, require_agreement
-from .config import Config, save_config, to_dict
+from .checkpoint import (CheckpointError, Found, TrainState, broadcast_found, check_model_shapes,
+                         expected_model_shapes, latest_checkpoint, load_checkpoint, save_checkpoint)
+from .config import Config, config_from_dict, save_config, to_dict
 from .data import Corpus, DataError, TokenBatches, check_corpus, load_corpus
 from .dist import Layout, env_rank, init_world, make_layout, pick_device, shutdown
 from .grad_sync import GradSync
 from .model import Transformer
 from .moe.collectives import CollectiveError, all_reduce_sum_
 from .parallelize import parallelize
-from .rundir import RunDirError, RunDirLock
-from .tracking import StepStats, Tracker, eval_record, print0, progress_bar, train_record
+from .preemption import StopRequest
+from .rundir import RunDirError, RunDirLock, holds_a_run_without_checkpoint
+from .tracking import (METRICS_FILE, StepStats, Tracker, eval_record, print0, progress_bar, train_record,
+                       truncate_metrics)
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 
@@ -92,13 +96,16 @@ class StepResult:
     grad_norm: float  # before clipping, identical on every rank
     routing: list[float]  # dropped fraction, worst expert load ratio
     applied: bool  # False: non-finite, the optimizer step was skipped
+    stop: bool = False  # some rank was asked to stop (SIGTERM/SIGINT): every rank sees the same
 
 
-def train_step(tr: Trainer, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> StepResult:
+def train_step(tr: Trainer, inputs: torch.Tensor, targets: torch.Tensor, lr: float,
+               stop_requested: bool = False) -> StepResult:
     """Forward and backward over this rank's micro-batches, gradient sync, clipping, update.
 
     The update is applied only when the global loss and gradient norm are finite; the caller
-    decides whether a skipped step stops the run."""
+    decides whether a skipped step stops the run. `stop_requested` rides on the loss
+    all_reduce, so a signal on one rank reaches all of them after this same step."""
     cfg, layout, A = tr.cfg, tr.layout, tr.cfg.train.grad_accum
     device = layout.device
     micro = inputs.shape[0] // A
@@ -118,44 +125,66 @@ def train_step(tr: Trainer, inputs: torch.Tensor, targets: torch.Tensor, lr: flo
 
     tr.grad_sync.reduce()
     grad_norm = tr.grad_sync.clip_(cfg.train.grad_clip)
-    all_reduce_sum_(stats.losses, layout.world_group, "train step", "all_reduce of losses")
+    losses_and_stop = torch.cat([stats.losses, stats.losses.new_tensor([float(stop_requested)])])
+    all_reduce_sum_(losses_and_stop, layout.world_group, "train step", "all_reduce of losses")
     # one device-to-host copy for everything the step reports
-    host = torch.cat([stats.losses / layout.world_size, grad_norm.double().view(1), stats.routing_summary()]).tolist()
-    losses, norm, routing = host[:4], host[4], host[5:]
+    host = torch.cat([losses_and_stop[:4] / layout.world_size, grad_norm.double().view(1), stats.routing_summary(),
+                      losses_and_stop[4:]]).tolist()
+    losses, norm, routing, stop = host[:4], host[4], host[5:7], host[7] > 0
     applied = math.isfinite(losses[0]) and math.isfinite(norm)
     if applied:
         for group in tr.optimizer.param_groups:
             group["lr"] = lr
         tr.optimizer.step()
     tr.optimizer.zero_grad(set_to_none=True)
-    return StepResult(losses, norm, routing, applied)
+    return StepResult(losses, norm, routing, applied, stop)
 
 
 @torch.no_grad()
-def evaluate(tr: Trainer, batches: TokenBatches) -> float:
+def evaluate(model: Transformer, cfg: Config, layout: Layout, batches: TokenBatches) -> float:
     """LM loss over `train.eval_batches` global validation batches, weighted by token; every rank takes part."""
-    cfg, layout = tr.cfg, tr.layout
-    tr.model.eval()
+    model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=layout.device)  # summed cross-entropy, scored tokens
     for index in range(cfg.train.eval_batches):
         inputs, targets = (t.to(layout.device) for t in batches.batch(index))
         with autocast_context(cfg, layout.device):
-            ce_sum = tr.model(inputs, targets, lm_tokens=1.0).lm_loss
+            ce_sum = model(inputs, targets, lm_tokens=1.0).lm_loss
         sums += torch.stack([ce_sum.double(), (targets != -100).sum().double()])
-    tr.model.train()
+    model.train()
     all_reduce_sum_(sums, layout.world_group, "evaluation", "all_reduce of validation losses")
     return (sums[0] / sums[1].clamp(min=1)).item()
 
 
-def start(cfg: Config) -> tuple[Layout, Corpus, Optional[RunDirLock]]:
-    """Lock run.dir (rank 0), load the corpus, join the world and agree, then build the layout."""
+def full_model_on_meta(cfg: Config) -> Transformer:
+    """Every expert, no storage, no groups: what the config describes, for shape checks."""
+    with torch.device("meta"):
+        return Transformer(cfg.model, cfg.moe)
+
+
+def checkpoint_to_resume(cfg: Config, run_dir: Path) -> Optional[Found]:
+    """Rank 0, before anything in run.dir changes: the checkpoint this run continues from, or
+    None for a fresh run. Damaged checkpoints are skipped with a warning; a model that does not
+    fit the config, or metrics with nothing to resume, is a one-line error."""
+    found = latest_checkpoint(run_dir, warn=lambda line: print0(True, line))
+    if found is None:
+        if (run_dir / METRICS_FILE).exists():
+            raise holds_a_run_without_checkpoint(run_dir)
+        return None
+    check_model_shapes(found, expected_model_shapes(lambda: full_model_on_meta(cfg)))
+    return found
+
+
+def start(cfg: Config) -> tuple[Layout, Corpus, Optional[RunDirLock], Optional[Found]]:
+    """Lock run.dir and pick the checkpoint to resume (rank 0), load the corpus, join the world
+    and agree, then build the layout."""
     device = pick_device(cfg.train.device)
     is_main = env_rank() == 0
-    problem, lock, corpus = None, None, None
+    problem, lock, corpus, found = None, None, None, None
     if is_main:
         try:
             lock = RunDirLock(Path(cfg.run.dir)).acquire()
-        except RunDirError as e:
+            found = checkpoint_to_resume(cfg, Path(cfg.run.dir))
+        except (RunDirError, CheckpointError) as e:
             problem = str(e)
     if problem is None:
         try:
@@ -167,7 +196,8 @@ def start(cfg: Config) -> tuple[Layout, Corpus, Optional[RunDirLock]]:
     try:
         report = StartReport(flat_config(cfg), corpus.fingerprint if corpus else None, problem)
         require_agreement(report, world_group)
-        return make_layout(cfg.parallel, device), corpus, lock
+        found = broadcast_found(found, world_group)
+        return make_layout(cfg.parallel, device), corpus, lock, found
     except BaseException:
         if lock is not None:
             lock.release()
@@ -176,22 +206,58 @@ def start(cfg: Config) -> tuple[Layout, Corpus, Optional[RunDirLock]]:
 
 
 def train(cfg: Config) -> dict:
-    """Run training as configured; returns the last logged metrics (on every rank)."""
-    layout, corpus, lock = start(cfg)
+    """Run training as configured, resuming from run.dir's latest checkpoint if it has one;
+    returns the last logged metrics (on every rank)."""
+    layout, corpus, lock, found = start(cfg)
     try:
-        return _train(cfg, layout, corpus, Path(cfg.run.dir))
+        return _train(cfg, layout, corpus, Path(cfg.run.dir), found)
     finally:
         shutdown()
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path) -> dict:
+def _describe_changes(found: Found, cfg: Config) -> Optional[str]:
+    """Settings that differ from the checkpoint's run, other than the layout and the step count."""
+    old = flat_config(config_from_dict(found.config)) if found.config else {}
+    new = flat_config(cfg)
+    ignored = ("parallel.", "train.steps", "train.stop_at", "run.")
+    changed = [f"{k} ({old[k]} -> {v})" for k, v in new.items()
+               if k in old and old[k] != v and not k.startswith(ignored)]
+    return "changed since the checkpoint: " + ", ".join(changed) if changed else None
+
+
+def _resume(tr: Trainer, found: Optional[Found], corpus: Corpus, run_dir: Path) -> TrainState:
+    """Load `found` (if any) into the trainer; rank 0 drops metrics lines the checkpoint does not cover."""
+    cfg, layout = tr.cfg, tr.layout
+    if found is None:
+        return TrainState()
+    state = load_checkpoint(found, tr.model, tr.optimizer, layout)
+    print0(layout.is_main, f"resuming from {found.path} (step {state.step}), saved with {found.layout}; "
+                           f"now world {layout.world_size}, ep {layout.ep}")
+    changes = _describe_changes(found, cfg)
+    if changes:
+        print0(layout.is_main, changes)
+    if found.data_fingerprint not in (None, corpus.fingerprint):
+        print0(layout.is_main, f"data differs from the checkpoint's (fingerprint {found.data_fingerprint} -> "
+                               f"{corpus.fingerprint}): training continues on the new corpus")
+    if layout.is_main:
+        truncate_metrics(run_dir, state.step)
+    return state
+
+
+def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Optional[Found]) -> dict:
     t, S = cfg.train, cfg.model.seq_len
+    tr = build_trainer(cfg, layout)
+    state = _resume(tr, found, corpus, run_dir)
     if layout.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    tr = build_trainer(cfg, layout)
+    if state.step >= t.steps:
+        print0(layout.is_main, f"nothing to train: the checkpoint is at step {state.step} and train.steps="
+                               f"{t.steps}; raise train.steps to train longer")
+        return {}
     train_batches = TokenBatches(corpus.train, S, t.batch_size, layout.rank, layout.world_size, t.seed, True, "train")
+    train_batches.continue_from(state.step, state.data_position)
     val_batches = TokenBatches(corpus.val, S, t.batch_size, layout.rank, layout.world_size, t.seed, False, "val")
 
     micro = t.batch_size // layout.world_size // t.grad_accum
@@ -205,53 +271,66 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path) -> dict:
                            f"replica(s), device {layout.device}, batch {t.batch_size} x {S} tokens "
                            f"({micro} per micro-batch x {t.grad_accum} per rank)")
 
+    def checkpoint(step: int) -> Path:
+        done = TrainState(step, train_batches.position_of(step), state.skipped_steps)
+        meta = {"config": to_dict(cfg), "data_fingerprint": corpus.fingerprint}
+        started = time.perf_counter()
+        path = save_checkpoint(run_dir, done, tr.model, tr.optimizer, layout, meta, cfg.ckpt.keep)
+        print0(layout.is_main, f"step {step}: checkpoint {path} ({time.perf_counter() - started:.1f}s)")
+        return path
+
     tracker = Tracker(run_dir, layout.is_main, cfg.run.tracker, cfg.run.wandb_project, cfg.run.name, to_dict(cfg))
-    bar = progress_bar(t.steps, 0, layout.is_main and cfg.run.progress)
+    bar = progress_bar(t.steps, state.step, layout.is_main and cfg.run.progress)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items()
                  if layout.device.type == "cuda" and k in torch.cuda.get_device_name(layout.device)), None)
     tokens_per_step = t.batch_size * S
     last: dict = {}
-    window_time, window_steps, skipped = 0.0, 0, 0
+    window_time, window_steps = 0.0, 0
     start_time = time.perf_counter()
-    step = 0
+    step = state.step
     try:
-        for step in range(1, t.steps + 1):
-            step_start = time.perf_counter()
-            lr = lr_at(step - 1, cfg)
-            inputs, targets = train_batches.batch(step - 1)
-            result = train_step(tr, inputs, targets, lr)
-            if not result.applied:
-                skipped += 1
-                what = "loss" if not math.isfinite(result.losses[0]) else "gradient norm"
-                value = result.losses[0] if what == "loss" else result.grad_norm
-                if skipped > t.skip_nonfinite:
-                    allowance = (f"{skipped - 1} step(s) skipped before, train.skip_nonfinite={t.skip_nonfinite}"
-                                 if t.skip_nonfinite else "train.skip_nonfinite=N skips up to N such steps")
-                    raise NonFiniteError(f"step {step}: non-finite {what} ({value}); the run stopped without "
-                                         f"applying this step ({allowance})")
-                print0(layout.is_main, f"step {step}: non-finite {what} ({value}), step skipped "
-                                       f"({skipped} of train.skip_nonfinite={t.skip_nonfinite})")
-            if layout.device.type == "cuda":
-                torch.cuda.synchronize(layout.device)
-            window_time += time.perf_counter() - step_start
-            window_steps += 1
+        with StopRequest() as stop:
+            for step in range(state.step + 1, t.steps + 1):
+                step_start = time.perf_counter()
+                lr = lr_at(step - 1, cfg)
+                inputs, targets = train_batches.batch(step - 1)
+                result = train_step(tr, inputs, targets, lr, stop.requested)
+                if not result.applied:
+                    state.skipped_steps += 1
+                    _count_nonfinite(result, step, state.skipped_steps, t.skip_nonfinite, layout.is_main)
+                if layout.device.type == "cuda":
+                    torch.cuda.synchronize(layout.device)
+                window_time += time.perf_counter() - step_start
+                window_steps += 1
 
-            record = None
-            if step % cfg.run.log_every == 0 or step == t.steps:
-                tokens_per_s = tokens_per_step * window_steps / window_time
-                mfu = tr.model.flops_per_token() * tokens_per_s / (peak * layout.world_size) if peak else None
-                record = train_record(step, result.losses, result.grad_norm, lr, result.routing, tokens_per_s,
-                                      train_batches.epoch_of(step), time.perf_counter() - start_time, skipped, mfu)
-                window_time, window_steps = 0.0, 0
-                bar.set_postfix(loss=f"{result.losses[0]:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
-            if step == t.steps or (t.eval_every > 0 and step % t.eval_every == 0):
-                evaluated = eval_record(step, evaluate(tr, val_batches))
-                record = {**record, **evaluated} if record else evaluated
-                print0(layout.is_main, f"step {step}: val_loss {evaluated['val_loss']:.4f}")
-            if record is not None:
-                tracker.log(record)
-                last = {**last, **record}
-            bar.update(1)
+                record = None
+                if step % cfg.run.log_every == 0 or step in (t.steps, t.stop_at) or result.stop:
+                    tokens_per_s = tokens_per_step * window_steps / window_time
+                    mfu = tr.model.flops_per_token() * tokens_per_s / (peak * layout.world_size) if peak else None
+                    record = train_record(step, result.losses, result.grad_norm, lr, result.routing, tokens_per_s,
+                                          train_batches.epoch_of(step), time.perf_counter() - start_time,
+                                          state.skipped_steps, mfu)
+                    window_time, window_steps = 0.0, 0
+                    bar.set_postfix(loss=f"{result.losses[0]:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+                if step == t.steps or (t.eval_every > 0 and step % t.eval_every == 0):
+                    evaluated = eval_record(step, evaluate(tr.model, cfg, layout, val_batches))
+                    record = {**record, **evaluated} if record else evaluated
+                    print0(layout.is_main, f"step {step}: val_loss {evaluated['val_loss']:.4f}")
+                if record is not None:
+                    tracker.log(record)
+                    last = {**last, **record}
+                bar.update(1)
+                stop_here = step == t.stop_at
+                if result.stop or stop_here or step == t.steps or (cfg.ckpt.every > 0 and step % cfg.ckpt.every == 0):
+                    path = checkpoint(step)
+                if stop_here:
+                    print0(layout.is_main, f"stopped at step {step} (train.stop_at); checkpoint {path}; run again "
+                                           "without train.stop_at to continue")
+                    return last
+                if result.stop:
+                    print0(layout.is_main, f"stopped at step {step} by a signal ({stop.signal_name or 'on another rank'}"
+                                           f"); checkpoint {path}; run the same command again to resume")
+                    return last
     except CollectiveError as e:
         raise CollectiveError(f"step {step}: {e}") from e
     finally:
@@ -259,7 +338,21 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path) -> dict:
         tracker.close()
 
     elapsed = time.perf_counter() - start_time
-    print0(layout.is_main, f"done: {t.steps} steps in {elapsed:.1f}s, loss {last.get('loss', float('nan')):.4f}, "
-                           f"val_loss {last.get('val_loss', float('nan')):.4f}, "
-                           f"{tokens_per_step * t.steps / elapsed:.0f} tokens/s (incl. eval)")
+    trained = t.steps - (found.step if found else 0)
+    print0(layout.is_main, f"done: {t.steps} steps ({trained} in this run) in {elapsed:.1f}s, "
+                           f"loss {last.get('loss', float('nan')):.4f}, val_loss {last.get('val_loss', float('nan')):.4f}, "
+                           f"{tokens_per_step * trained / elapsed:.0f} tokens/s (incl. eval and checkpoints)")
     return last
+
+
+def _count_nonfinite(result: StepResult, step: int, skipped: int, allowed: int, is_main: bool) -> None:
+    """Raise NonFiniteError once more steps were skipped than `train.skip_nonfinite` allows."""
+    what = "loss" if not math.isfinite(result.losses[0]) else "gradient norm"
+    value = result.losses[0] if what == "loss" else result.grad_norm
+    if skipped > allowed:
+        allowance = (f"{skipped - 1} step(s) skipped before, train.skip_nonfinite={allowed}"
+                     if allowed else "train.skip_nonfinite=N skips up to N such steps")
+        raise NonFiniteError(f"step {step}: non-finite {what} ({value}); the run stopped without "
+                             f"applying this step ({allowance})")
+    print0(is_main, f"step {step}: non-finite {what} ({value}), step skipped ({skipped} of "
+                    f"train.skip_nonfinite={allowed})")

@@ -1,4 +1,5 @@
-"""CLI: `python -m trainer train|check CONFIG.yaml [key=value ...]`, alone or under torchrun.
+"""CLI: `python -m trainer train|check CONFIG.yaml [key=value ...]`, alone or under torchrun;
+`export RUN_DIR OUT_DIR`, `sample RUN_DIR_OR_EXPORT`, `eval RUN_DIR [key=value ...]` in one process.
 
 Errors are one line on stderr. An error that is the same on every rank (a bad config, an
 unusable run.dir, ranks that disagree, a non-finite loss) is printed by rank 0 only; a failed
@@ -38,7 +39,61 @@ def _parser() -> argparse.ArgumentParser:
         if name == "check":
             cmd.add_argument("--nproc", type=int, default=None,
                              help="world size the run will have (default: $WORLD_SIZE, else 1)")
+    export = commands.add_parser("export", help="write a run's newest checkpoint (any EP size) as safetensors")
+    export.add_argument("run_dir", help="a run.dir (its newest complete checkpoint) or one checkpoint directory")
+    export.add_argument("out_dir", help="directory for model.safetensors, config.yaml and export.json")
+    sample = commands.add_parser("sample", help="print a continuation of a prompt")
+    sample.add_argument("path", help="a run.dir, a checkpoint directory or an export")
+    sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    sample.add_argument("--tokens", type=int, default=200, help="bytes to generate (default 200)")
+    sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    sample.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest bytes only")
+    sample.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    evaluate = commands.add_parser("eval", help="print one JSON line with val_loss of a run's newest checkpoint")
+    evaluate.add_argument("run_dir", help="a run.dir, a checkpoint directory or an export")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value",
+                          help="data.*, train.eval_batches, train.batch_size, train.device, ... "
+                               "(the model's shape comes from the checkpoint)")
     return parser
+
+
+def _run_offline(args) -> int:
+    """export / sample / eval: one process, no process group."""
+    import json
+
+    import torch
+
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
+    def warn(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    try:
+        if args.command == "export":
+            from .export import export
+
+            found, weights = export(args.run_dir, args.out_dir, warn)
+            print(f"exported step {found.step} (saved with {found.layout}) to {weights}")
+        elif args.command == "sample":
+            from .export import load_model
+            from .generate import decode, encode, generate
+
+            if args.tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+                return _fail("sample: --tokens and --temperature must be >= 0 and --top-k >= 1", EXIT_BAD_INPUT)
+            model, _ = load_model(args.path, "cpu", warn)
+            generator = torch.Generator().manual_seed(args.seed)
+            new = generate(model, encode(args.prompt), args.tokens, args.temperature, args.top_k, generator)
+            print(args.prompt + decode(new))
+        else:
+            from .export import eval_checkpoint
+
+            print(json.dumps(eval_checkpoint(args.run_dir, args.overrides, warn)))
+    except ConfigError as e:
+        return _fail(f"config: {e}", EXIT_BAD_INPUT)
+    except (CheckpointError, DataError) as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in rest if a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*args.overrides, *rest]
+    if args.command in ("export", "sample") and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = [*getattr(args, "overrides", []), *rest]
+    if args.command in ("export", "sample", "eval"):
+        return _run_offline(args)
     world_size = getattr(args, "nproc", None) or env_world_size()
 
     # everything here runs before any process group exists, identically on every rank

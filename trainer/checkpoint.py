@@ -338,11 +338,12 @@ def check_model_shapes(found: Found, expected: dict[str, tuple[int, ...]]) -> No
 # ----------------------------------------------------------------------------- load
 
 
-def load_checkpoint(found: Found, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], layout) -> TrainState:
+def load_checkpoint(found: Found, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], layout,
+                    restore_rng: bool = True) -> TrainState:
     """Collective over the world (or one process): fill `model` (and `optimizer`) in place.
 
     Each rank asks for its own experts by global id, whatever layout saved them; RNG states
-    are restored only when the world size is the one that saved them."""
+    are restored (`restore_rng`) only when the world size is the one that saved them."""
     saved = saved_shapes(found.path)
     entries = model_entries(model)
     if optimizer is not None and any(k.startswith("optim/") for k in saved):
@@ -350,7 +351,7 @@ def load_checkpoint(found: Found, model: nn.Module, optimizer: Optional[torch.op
     state = _train_entries(TrainState())
     entries.update(state)
     rng = {}
-    if found.world_size == layout.world_size:
+    if restore_rng and found.world_size == layout.world_size:
         rng = {k: v.clone() for k, v in _rng_entries(layout.rank, layout.device).items() if k in saved}
         entries.update(rng)
     missing = next((k for k in entries if k not in saved), None)

@@ -81,10 +81,28 @@ def init_world(cfg: ParallelConfig, device: torch.device) -> Optional[ProcessGro
         return None
     if not dist.is_initialized():
         backend = resolve_backend(cfg, device)
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
         kwargs = {"device_id": device} if backend == "nccl" else {}
         with named_collective("process-group setup", f"joining the {backend} world group"):
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s), **kwargs)
+            store = _restart_safe_store(timeout)
+            if store is not None:
+                kwargs.update(store=store, rank=env_rank(), world_size=env_world_size())
+            dist.init_process_group(backend, timeout=timeout, **kwargs)
     return dist.group.WORLD
+
+
+def _restart_safe_store(timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """Under torchrun, the agent's store with a prefix per restart attempt; else None (env://).
+
+    torchrun keeps one store (same MASTER_PORT) across `--max-restarts` attempts, and gloo's
+    rendezvous keys do not name the attempt: restarted workers read the dead workers'
+    addresses and time out in connectFullMesh (seen with torch 2.13)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env_world_size(),
+                           is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"moe-trainer/attempt_{attempt}/", client)
 
 
 def make_layout(cfg: ParallelConfig, device: torch.device) -> Layout:

@@ -1,0 +1,148 @@
+"""Trained weights outside training: `export` to safetensors, `load_model` in one process, and
+the one-process evaluation behind `python -m trainer eval`.
+
+An export directory holds `model.safetensors` (the model's own state dict: experts stacked
+`[E, ...]`, as a one-process model holds them), `config.yaml` (the run's resolved config) and
+`export.json` (which checkpoint it came from). Nothing in it is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import (META_FILE, CheckpointError, Found, check_model_shapes, expected_model_shapes,
+                         latest_checkpoint, load_checkpoint, verify)
+from .config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict
+from .dist import Layout
+from .model import Transformer
+from .parallelize import parallelize
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.yaml"
+EXPORT_INFO = "export.json"
+
+
+def one_process_layout(device: torch.device) -> Layout:
+    return Layout(rank=0, world_size=1, local_rank=0, ep=1, device=device, world_group=None, ep_group=None,
+                  expert_dp_group=None)
+
+
+def _for_one_process(cfg: Config, device: torch.device) -> Config:
+    """The run's config as one process on `device` runs it (every expert local)."""
+    impl = cfg.moe.expert_impl
+    if impl == "grouped_mm" and device.type != "cuda":
+        impl = "auto"  # a GPU run's grouped GEMM falls back to the loop here; same numbers
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, expert_impl=impl),
+                               parallel=dataclasses.replace(cfg.parallel, ep=1))
+
+
+def build_one_process_model(cfg: Config, device: torch.device) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.moe)
+    return parallelize(model, one_process_layout(device), cfg.train.seed)
+
+
+def find_checkpoint(path: Path, warn=lambda line: None) -> Found:
+    """`path` is a checkpoint directory or a run.dir (its newest checkpoint that verifies)."""
+    if (path / META_FILE).is_file():
+        return verify(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such run.dir, checkpoint or export")
+    found = latest_checkpoint(path, warn)
+    if found is None:
+        raise CheckpointError(f"{path}: holds no complete checkpoint (and no {EXPORT_WEIGHTS})")
+    return found
+
+
+def _meta_model(cfg: Config) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(cfg.model, cfg.moe)
+
+
+def load_checkpoint_model(found: Found, cfg: Config, device: torch.device) -> Transformer:
+    """A one-process model holding every expert of `found` (a checkpoint of any EP size)."""
+    check_model_shapes(found, expected_model_shapes(lambda: _meta_model(cfg)))
+    model = build_one_process_model(cfg, device)
+    load_checkpoint(found, model, None, one_process_layout(device), restore_rng=False)
+    return model
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", warn=lambda line: None
+               ) -> tuple[Transformer, Config]:
+    """The trained model and its config, in one process, in eval mode.
+
+    `path` is an export (a directory with `model.safetensors`), a run.dir (its newest complete
+    checkpoint) or one checkpoint directory. `model(tokens_BS)` returns an output whose
+    `.logits` are `[B, S, vocab]`; tokens are bytes."""
+    path, device = Path(path), torch.device(device)
+    if (path / EXPORT_WEIGHTS).is_file():
+        cfg = _for_one_process(load_config(path / EXPORT_CONFIG), device)
+        model = build_one_process_model(cfg, device)
+        state = load_file(path / EXPORT_WEIGHTS, device=str(device))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            what = f"{missing[0]} is missing" if missing else f"{unexpected[0]} is not in the model"
+            raise CheckpointError(f"{path / EXPORT_WEIGHTS}: {what} (does {EXPORT_CONFIG} belong to it?)")
+    else:
+        found = find_checkpoint(path, warn)
+        cfg = _for_one_process(config_from_dict(found.config), device)
+        model = load_checkpoint_model(found, cfg, device)
+    return model.eval(), cfg
+
+
+def export(run_dir: str | Path, out_dir: str | Path, warn=lambda line: None) -> tuple[Found, Path]:
+    """Write the newest complete checkpoint of `run_dir` (any EP size) as one safetensors file."""
+    found = find_checkpoint(Path(run_dir), warn)
+    cfg = _for_one_process(config_from_dict(found.config), torch.device("cpu"))
+    model = load_checkpoint_model(found, cfg, torch.device("cpu"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    save_file(weights, out / EXPORT_WEIGHTS, metadata={"step": str(found.step), "format": "moe-trainer"})
+    save_config(cfg, out / EXPORT_CONFIG)
+    info = {"step": found.step, "checkpoint": str(found.path.resolve()), "saved_with": found.layout,
+            "parameters": sum(t.numel() for t in weights.values())}
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    return found, out / EXPORT_WEIGHTS
+
+
+def eval_checkpoint(path: str | Path, overrides: list[str], warn=lambda line: None) -> dict:
+    """Validation loss of a run's newest checkpoint (or an export) in one process, on the
+    configured corpus or the one the overrides name (`data.path=...`, `train.eval_batches=...`)."""
+    from .config import validate
+    from .data import TokenBatches, check_corpus, load_corpus
+    from .dist import pick_device
+    from .train import evaluate
+
+    path = Path(path)
+    fixed = next((o for o in overrides if o.startswith(("model.", "moe.")) and not o.startswith("moe.expert_impl")), None)
+    if fixed is not None:
+        raise ConfigError(f"{fixed.split('=')[0]}: eval uses the model the checkpoint holds; model and moe "
+                          "shape keys cannot be overridden")
+    step: Optional[int] = None
+    if (path / EXPORT_WEIGHTS).is_file():
+        base = to_dict(load_config(path / EXPORT_CONFIG))
+        source = str(path)
+        try:
+            step = json.loads((path / EXPORT_INFO).read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            step = None
+    else:
+        found = find_checkpoint(path, warn)
+        base, source, step = found.config, str(found.path), found.step
+    cfg = config_from_dict(base, [*overrides, "parallel.ep=1"])
+    validate(cfg, 1)
+    device = pick_device(cfg.train.device)
+    corpus = load_corpus(cfg.data)
+    check_corpus(corpus, cfg.model.vocab_size, cfg.model.seq_len)
+    model, _ = load_model(path, device, warn)
+    batches = TokenBatches(corpus.val, cfg.model.seq_len, cfg.train.batch_size, 0, 1, cfg.train.seed, False, "val")
+    val_loss = evaluate(model, cfg, one_process_layout(device), batches)
+    return {"val_loss": val_loss, "step": step, "source": source, "data": corpus.description,
+            "eval_batches": cfg.train.eval_batches, "batch_size": cfg.train.batch_size}

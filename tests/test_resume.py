@@ -118,6 +118,20 @@ def test_sigterm_on_one_worker_saves_everywhere_exits_zero_and_resumes_bit_ident
     assert_same_losses(run_dir, reference)
 
 
+def test_sigterm_to_the_torchrun_agent_also_ends_in_a_saved_checkpoint(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    agent = start_torchrun(run_dir, 2, 2)
+    wait_for_step(run_dir, 6, agent)
+    agent.send_signal(signal.SIGTERM)  # the agent passes SIGTERM to its workers, then exits non-zero itself
+    _, stderr = agent.communicate(timeout=300)
+    stopped = max(losses(run_dir))
+    assert stopped < STEPS, "the run ended before the signal landed"
+    assert f"stopped at step {stopped} by a signal (SIGTERM)" in stderr
+    assert (run_dir / "checkpoints" / f"step_{stopped:07d}" / "meta.json").is_file()
+    assert_ok(train(run_dir, 2, 2))
+    assert_same_losses(run_dir, reference)
+
+
 def test_a_worker_killed_under_torchrun_max_restarts_finishes_with_the_same_losses(tmp_path, reference):
     run_dir = tmp_path / "run"
     agent = start_torchrun(run_dir, 2, 2, "--max-restarts=1")

@@ -128,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             inspect_run_dir(Path(cfg.run.dir))
         except RunDirError as e:
             return _fail(str(e), EXIT_BAD_INPUT)
-        print(f"ok: {args.config} is valid for {world_size} process(es); run.dir {cfg.run.dir} is free")
+        from .checkpoint import complete_checkpoints
+
+        held = complete_checkpoints(Path(cfg.run.dir))
+        state = (f"holds checkpoints up to step {held[0][0]}: train resumes from the newest complete one" if held
+                 else "is free")
+        print(f"ok: {args.config} is valid for {world_size} process(es); run.dir {cfg.run.dir} {state}")
         return 0
     return _run_training(cfg)
 

@@ -232,9 +232,10 @@ def _resume(tr: Trainer, found: Optional[Found], corpus: Corpus, run_dir: Path) 
     cfg, layout = tr.cfg, tr.layout
     if found is None:
         return TrainState()
+    started = time.perf_counter()
     state = load_checkpoint(found, tr.model, tr.optimizer, layout)
     print0(layout.is_main, f"resuming from {found.path} (step {state.step}), saved with {found.layout}; "
-                           f"now world {layout.world_size}, ep {layout.ep}")
+                           f"now world {layout.world_size}, ep {layout.ep} (loaded in {time.perf_counter() - started:.1f}s)")
     changes = _describe_changes(found, cfg)
     if changes:
         print0(layout.is_main, changes)

@@ -221,7 +221,7 @@ def _describe_changes(found: Found, cfg: Config) -> Optional[str]:
     """Settings that differ from the checkpoint's run, other than the layout and the step count."""
     old = flat_config(config_from_dict(found.config)) if found.config else {}
     new = flat_config(cfg)
-    ignored = ("parallel.", "train.steps", "train.stop_at", "run.")
+    ignored = ("parallel.", "train.steps", "train.stop_at", "train.device", "run.")  # layout, length, machine
     changed = [f"{k} ({old[k]} -> {v})" for k, v in new.items()
                if k in old and old[k] != v and not k.startswith(ignored)]
     return "changed since the checkpoint: " + ", ".join(changed) if changed else None

@@ -25,7 +25,7 @@ from .cli import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
-STEPS = 200
+STEPS = 120
 MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=32", "moe.num_experts=4",
          "moe.top_k=2", "moe.d_ff=48", "train.batch_size=8", "train.warmup_steps=5", "train.eval_every=0",
          "train.eval_batches=2", "run.log_every=1", "run.progress=false", "parallel.timeout_s=60",

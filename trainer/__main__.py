@@ -81,6 +81,8 @@ def _run_offline(args) -> int:
 
             if args.tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
                 return _fail("sample: --tokens and --temperature must be >= 0 and --top-k >= 1", EXIT_BAD_INPUT)
+            if not args.prompt:
+                return _fail("sample: --prompt must not be empty (the default is a newline)", EXIT_BAD_INPUT)
             model, _ = load_model(args.path, "cpu", warn)
             generator = torch.Generator().manual_seed(args.seed)
             new = generate(model, encode(args.prompt), args.tokens, args.temperature, args.top_k, generator)
@@ -122,20 +124,26 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"config: {e}", EXIT_BAD_INPUT)
 
     if args.command == "check":
-        from .rundir import RunDirError, inspect_run_dir
-
-        try:
-            inspect_run_dir(Path(cfg.run.dir))
-        except RunDirError as e:
-            return _fail(str(e), EXIT_BAD_INPUT)
-        from .checkpoint import complete_checkpoints
-
-        held = complete_checkpoints(Path(cfg.run.dir))
-        state = (f"holds checkpoints up to step {held[0][0]}: train resumes from the newest complete one" if held
-                 else "is free")
-        print(f"ok: {args.config} is valid for {world_size} process(es); run.dir {cfg.run.dir} {state}")
-        return 0
+        return _check_run_dir(cfg, args.config, world_size)
     return _run_training(cfg)
+
+
+def _check_run_dir(cfg, config_path: str, world_size: int) -> int:
+    """What `train` would do with run.dir, without changing it."""
+    from .checkpoint import CheckpointError
+    from .rundir import RunDirError, inspect_run_dir
+    from .train import checkpoint_to_resume
+
+    run_dir = Path(cfg.run.dir)
+    try:
+        inspect_run_dir(run_dir)
+        found = checkpoint_to_resume(cfg, run_dir, warn=lambda line: print(line, file=sys.stderr))
+    except (RunDirError, CheckpointError) as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    state = (f"holds a run: train resumes from {found.path} (step {found.step}, saved with {found.layout})"
+             if found else "is free")
+    print(f"ok: {config_path} is valid for {world_size} process(es); run.dir {run_dir} {state}")
+    return 0
 
 
 def _run_training(cfg) -> int:

@@ -177,9 +177,13 @@ def _dcp_errors(what: str) -> Iterator[None]:
         raise CheckpointError(f"{what} failed on rank {rank}: {lines[0]}") from None
 
 
-def _barrier(group: Optional[ProcessGroup], what: str) -> None:
-    if group is not None:
-        all_reduce_sum_(torch.zeros(1), group, "checkpoint", what)
+def _agree(problem: Optional[str], layout, what: str, fallback: str) -> None:
+    """Collective: raise the same CheckpointError on every rank if rank 0 met `problem`."""
+    failed = torch.tensor([1.0 if problem else 0.0])
+    if layout.world_group is not None:
+        all_reduce_sum_(failed, layout.world_group, "checkpoint", what)
+    if problem or failed.item() > 0:
+        raise CheckpointError(problem or fallback)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -223,15 +227,30 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def _remove(path: Path) -> None:
+    """Rename out of the `step_N` namespace first, so a kill midway never leaves half a
+    checkpoint under a complete one's name."""
+    doomed = path.with_name(f"{PARTIAL_PREFIX}{path.name}.removed")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_dead_saves(run_dir: Path) -> None:
+    """Drop `.partial-*` directories: saves that died, or removals a kill interrupted."""
+    root = run_dir / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(PARTIAL_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def _prune(run_dir: Path, keep: int, newest: Path) -> None:
     """Keep the `keep` newest checkpoints (always `newest`); drop leftovers of dead saves."""
-    root = run_dir / CHECKPOINTS
-    for p in root.iterdir():
-        if p.name.startswith(PARTIAL_PREFIX):
-            shutil.rmtree(p, ignore_errors=True)
+    remove_dead_saves(run_dir)
     for _, path in complete_checkpoints(run_dir)[keep:]:
         if path != newest:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -243,11 +262,17 @@ def save_checkpoint(run_dir: Path, state: TrainState, model: nn.Module, optimize
     root = run_dir / CHECKPOINTS
     final = root / step_dir_name(state.step)
     partial = root / f"{PARTIAL_PREFIX}{final.name}"
+    problem = None
     if layout.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # a save of this step that died earlier
-        partial.mkdir()
-    _barrier(layout.world_group, "barrier before writing")  # nobody writes before the directory is fresh
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)  # a save of this step that died earlier
+            partial.mkdir()
+        except OSError as e:
+            problem = f"checkpoint {final.name}: {root} cannot be written: {e.strerror or e}"
+    # nobody writes before the directory is fresh, and nobody writes if it could not be made
+    _agree(problem, layout, "agreeing on the checkpoint directory", f"checkpoint {final.name}: rank 0 could not "
+                                                                    "create its directory")
 
     entries = {**model_entries(model), **optimizer_entries(model, optimizer, create=False),
                **_train_entries(state), **_rng_entries(layout.rank, layout.device)}
@@ -256,21 +281,17 @@ def save_checkpoint(run_dir: Path, state: TrainState, model: nn.Module, optimize
                  process_group=layout.world_group, no_dist=layout.world_group is None)
 
     # rank 0 publishes; every rank learns whether it worked, so all fail or none does
-    problem = None
     if layout.is_main:
         try:
-            if final.exists():  # the same step saved before (a resumed run that stopped at once)
-                shutil.rmtree(final)
+            if final.exists():  # the same step saved before (a damaged copy that resume skipped)
+                _remove(final)
             publish(partial, final, {"format": FORMAT_VERSION, "step": state.step, "world_size": layout.world_size,
                                      "ep": layout.ep, **meta})
             _prune(run_dir, keep, final)
         except OSError as e:
             problem = f"{final}: could not be published: {e.strerror or e}"
-    ok = torch.tensor([0.0 if problem else 1.0])
-    if layout.world_group is not None:
-        all_reduce_sum_(ok, layout.world_group, "checkpoint", "agreeing that the save was published")
-    if problem or int(ok.item()) != layout.world_size:
-        raise CheckpointError(problem or f"checkpoint {final.name} could not be published (see rank 0)")
+    _agree(problem, layout, "agreeing that the save was published",
+           f"checkpoint {final.name} could not be published (see rank 0)")
     return final
 
 
@@ -287,20 +308,29 @@ def verify(path: Path) -> Found:
         raise CheckpointError(f"{path}: {META_FILE} is unreadable ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}")
-    files = meta.get("files") or {}
-    if ".metadata" not in files:
-        raise CheckpointError(f"{path}: {META_FILE} lists no DCP .metadata file")
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{path}: {name} is missing")
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            raise CheckpointError(f"{path}: {name} has {size} bytes, {expected['bytes']} were written")
-        if _sha256(file) != expected["sha256"]:
-            raise CheckpointError(f"{path}: {name} does not match the sha256 recorded when it was written")
-    return Found(path, int(meta["step"]), int(meta["world_size"]), int(meta["ep"]), meta.get("config", {}),
-                 meta.get("data_fingerprint"))
+    try:
+        files = meta["files"]
+        if ".metadata" not in files:
+            raise CheckpointError(f"{path}: {META_FILE} lists no DCP .metadata file")
+        for name, expected in files.items():
+            file = path / name
+            if not file.is_file():
+                raise CheckpointError(f"{path}: {name} is missing")
+            size = file.stat().st_size
+            if size != expected["bytes"]:
+                raise CheckpointError(f"{path}: {name} has {size} bytes, {expected['bytes']} were written")
+            if _sha256(file) != expected["sha256"]:
+                raise CheckpointError(f"{path}: {name} does not match the sha256 recorded when it was written")
+        found = Found(path, int(meta["step"]), int(meta["world_size"]), int(meta["ep"]), dict(meta["config"]),
+                      meta.get("data_fingerprint"))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read: {e.strerror or e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: {META_FILE} is malformed ({type(e).__name__}: {e})") from None
+    named = _STEP_DIR.match(path.name)
+    if named and int(named.group(1)) != found.step:
+        raise CheckpointError(f"{path}: {META_FILE} says step {found.step}, not the step in its name")
+    return found
 
 
 def latest_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> Optional[Found]:
@@ -313,9 +343,22 @@ def latest_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> Optional[Fo
     return None
 
 
+def config_of(found: Found):
+    """The checkpoint's resolved config as a `Config` of this version of the trainer."""
+    from .config import ConfigError, config_from_dict
+
+    try:
+        return config_from_dict(found.config)
+    except ConfigError as e:
+        raise CheckpointError(f"{found.path}: its config does not fit this version of the trainer: {e}") from None
+
+
 def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Entry -> shape, from DCP's metadata file."""
-    metadata = FileSystemReader(path).read_metadata()
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as e:  # whatever unpickling a damaged index raises
+        raise CheckpointError(f"{path}: DCP's .metadata cannot be read ({type(e).__name__}: {e})") from None
     return {key: tuple(m.size) for key, m in metadata.state_dict_metadata.items() if hasattr(m, "size")}
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import (META_FILE, CheckpointError, Found, check_model_shapes, expected_model_shapes,
+from .checkpoint import (META_FILE, CheckpointError, Found, check_model_shapes, config_of, expected_model_shapes,
                          latest_checkpoint, load_checkpoint, verify)
 from .config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict
 from .dist import Layout
@@ -73,6 +74,41 @@ def load_checkpoint_model(found: Found, cfg: Config, device: torch.device) -> Tr
     return model
 
 
+def _load_export(path: Path, device: torch.device) -> tuple[Transformer, Config]:
+    try:
+        cfg = _for_one_process(load_config(path / EXPORT_CONFIG), device)
+    except ConfigError as e:
+        raise CheckpointError(f"{path / EXPORT_CONFIG}: {e}") from None
+    expected = {name: tuple(t.shape) for name, t in _meta_model(cfg).state_dict().items()}
+    with safe_open(path / EXPORT_WEIGHTS, framework="pt") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    for name, shape in expected.items():
+        if saved.get(name) != shape:
+            what = f"has shape {list(saved[name])}" if name in saved else "is missing"
+            raise CheckpointError(f"{path / EXPORT_WEIGHTS}: {name} {what} but {EXPORT_CONFIG} describes "
+                                  f"{list(shape)}")
+    extra = next((name for name in saved if name not in expected), None)
+    if extra is not None:
+        raise CheckpointError(f"{path / EXPORT_WEIGHTS}: {extra} is not in the model {EXPORT_CONFIG} describes")
+    model = build_one_process_model(cfg, device)
+    model.load_state_dict(load_file(path / EXPORT_WEIGHTS, device=str(device)))
+    return model, cfg
+
+
+def _load(path: Path, device: torch.device, warn) -> tuple[Transformer, Config, Optional[int], str]:
+    """(model, its config, the step it was trained to, where it came from) from any PATH kind."""
+    if (path / EXPORT_WEIGHTS).is_file():
+        model, cfg = _load_export(path, device)
+        try:
+            step = json.loads((path / EXPORT_INFO).read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            step = None
+        return model.eval(), cfg, step, str(path)
+    found = find_checkpoint(path, warn)
+    cfg = _for_one_process(config_of(found), device)
+    return load_checkpoint_model(found, cfg, device).eval(), cfg, found.step, str(found.path)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", warn=lambda line: None
                ) -> tuple[Transformer, Config]:
     """The trained model and its config, in one process, in eval mode.
@@ -80,26 +116,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", warn=lambda
     `path` is an export (a directory with `model.safetensors`), a run.dir (its newest complete
     checkpoint) or one checkpoint directory. `model(tokens_BS)` returns an output whose
     `.logits` are `[B, S, vocab]`; tokens are bytes."""
-    path, device = Path(path), torch.device(device)
-    if (path / EXPORT_WEIGHTS).is_file():
-        cfg = _for_one_process(load_config(path / EXPORT_CONFIG), device)
-        model = build_one_process_model(cfg, device)
-        state = load_file(path / EXPORT_WEIGHTS, device=str(device))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            what = f"{missing[0]} is missing" if missing else f"{unexpected[0]} is not in the model"
-            raise CheckpointError(f"{path / EXPORT_WEIGHTS}: {what} (does {EXPORT_CONFIG} belong to it?)")
-    else:
-        found = find_checkpoint(path, warn)
-        cfg = _for_one_process(config_from_dict(found.config), device)
-        model = load_checkpoint_model(found, cfg, device)
-    return model.eval(), cfg
+    model, cfg, _, _ = _load(Path(path), torch.device(device), warn)
+    return model, cfg
 
 
 def export(run_dir: str | Path, out_dir: str | Path, warn=lambda line: None) -> tuple[Found, Path]:
     """Write the newest complete checkpoint of `run_dir` (any EP size) as one safetensors file."""
     found = find_checkpoint(Path(run_dir), warn)
-    cfg = _for_one_process(config_from_dict(found.config), torch.device("cpu"))
+    cfg = _for_one_process(config_of(found), torch.device("cpu"))
     model = load_checkpoint_model(found, cfg, torch.device("cpu"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,34 +138,26 @@ def export(run_dir: str | Path, out_dir: str | Path, warn=lambda line: None) -> 
 
 def eval_checkpoint(path: str | Path, overrides: list[str], warn=lambda line: None) -> dict:
     """Validation loss of a run's newest checkpoint (or an export) in one process, on the
-    configured corpus or the one the overrides name (`data.path=...`, `train.eval_batches=...`)."""
+    configured corpus or the one the overrides name (`data.path=...`, `train.eval_batches=...`).
+    The device is `auto` (CUDA if present) unless `train.device=` says otherwise."""
     from .config import validate
     from .data import TokenBatches, check_corpus, load_corpus
     from .dist import pick_device
     from .train import evaluate
 
-    path = Path(path)
-    fixed = next((o for o in overrides if o.startswith(("model.", "moe.")) and not o.startswith("moe.expert_impl")), None)
+    fixed = next((o for o in overrides if o.startswith(("model.", "moe."))), None)
     if fixed is not None:
-        raise ConfigError(f"{fixed.split('=')[0]}: eval uses the model the checkpoint holds; model and moe "
-                          "shape keys cannot be overridden")
-    step: Optional[int] = None
-    if (path / EXPORT_WEIGHTS).is_file():
-        base = to_dict(load_config(path / EXPORT_CONFIG))
-        source = str(path)
-        try:
-            step = json.loads((path / EXPORT_INFO).read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            step = None
-    else:
-        found = find_checkpoint(path, warn)
-        base, source, step = found.config, str(found.path), found.step
-    cfg = config_from_dict(base, [*overrides, "parallel.ep=1"])
+        raise ConfigError(f"{fixed.split('=')[0]}: eval uses the model the checkpoint holds; model.* and moe.* "
+                          "keys cannot be overridden")
+    requested = config_from_dict({}, overrides)  # the overrides alone, checked like any
+    if requested.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda was asked for but torch.cuda.is_available() is False")
+    device = pick_device(requested.train.device)
+    model, trained_cfg, step, source = _load(Path(path), device, warn)
+    cfg = config_from_dict(to_dict(trained_cfg), ["train.device=auto", *overrides, "parallel.ep=1"])
     validate(cfg, 1)
-    device = pick_device(cfg.train.device)
     corpus = load_corpus(cfg.data)
     check_corpus(corpus, cfg.model.vocab_size, cfg.model.seq_len)
-    model, _ = load_model(path, device, warn)
     batches = TokenBatches(corpus.val, cfg.model.seq_len, cfg.train.batch_size, 0, 1, cfg.train.seed, False, "val")
     val_loss = evaluate(model, cfg, one_process_layout(device), batches)
     return {"val_loss": val_loss, "step": step, "source": source, "data": corpus.description,

@@ -16,7 +16,6 @@ import os
 import socket
 from pathlib import Path
 
-from .checkpoint import complete_checkpoints
 from .tracking import METRICS_FILE
 
 LOCK_FILE = ".lock"
@@ -39,7 +38,8 @@ def _nearest_existing(path: Path) -> Path:
 def inspect_run_dir(run_dir: Path) -> None:
     """Refuse, without creating or changing anything, a run.dir this run could not use.
 
-    Used by `python -m trainer check`; `RunDirLock.acquire` repeats the checks for real."""
+    Used by `python -m trainer check` (which then looks for a checkpoint to resume, as `train`
+    does); `RunDirLock.acquire` repeats the checks for real."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run.dir: {run_dir} exists and is not a directory")
     base = _nearest_existing(run_dir)
@@ -47,8 +47,6 @@ def inspect_run_dir(run_dir: Path) -> None:
         raise RunDirError(f"run.dir: {run_dir} cannot be created: {base} is not a directory")
     if not os.access(base, os.W_OK | os.X_OK):
         raise RunDirError(f"run.dir: {run_dir} cannot be written: {base} is not writable")
-    if (run_dir / METRICS_FILE).exists() and not complete_checkpoints(run_dir):
-        raise holds_a_run_without_checkpoint(run_dir)
     lock_path = run_dir / LOCK_FILE
     if lock_path.exists():
         with open(lock_path) as f:

@@ -21,9 +21,10 @@ from typing import Optional
 import torch
 
 from .agreement import StartReport, check_replicas_identical, flat_config, require_agreement
-from .checkpoint import (CheckpointError, Found, TrainState, broadcast_found, check_model_shapes,
-                         expected_model_shapes, latest_checkpoint, load_checkpoint, save_checkpoint)
-from .config import Config, config_from_dict, save_config, to_dict
+from .checkpoint import (CheckpointError, Found, TrainState, broadcast_found, check_model_shapes, config_of,
+                         expected_model_shapes, latest_checkpoint, load_checkpoint, remove_dead_saves,
+                         save_checkpoint)
+from .config import Config, save_config, to_dict
 from .data import Corpus, DataError, TokenBatches, check_corpus, load_corpus
 from .dist import Layout, env_rank, init_world, make_layout, pick_device, shutdown
 from .grad_sync import GradSync
@@ -161,17 +162,27 @@ def full_model_on_meta(cfg: Config) -> Transformer:
         return Transformer(cfg.model, cfg.moe)
 
 
-def checkpoint_to_resume(cfg: Config, run_dir: Path) -> Optional[Found]:
-    """Rank 0, before anything in run.dir changes: the checkpoint this run continues from, or
-    None for a fresh run. Damaged checkpoints are skipped with a warning; a model that does not
-    fit the config, or metrics with nothing to resume, is a one-line error."""
-    found = latest_checkpoint(run_dir, warn=lambda line: print0(True, line))
+def checkpoint_to_resume(cfg: Config, run_dir: Path, warn=lambda line: print0(True, line)) -> Optional[Found]:
+    """The checkpoint this run continues from, or None for a fresh run; changes nothing (also
+    used by `check`). Damaged checkpoints are skipped with a warning; a model that does not fit
+    the config, or metrics with nothing to resume, is a one-line error."""
+    found = latest_checkpoint(run_dir, warn)
     if found is None:
         if (run_dir / METRICS_FILE).exists():
             raise holds_a_run_without_checkpoint(run_dir)
         return None
     check_model_shapes(found, expected_model_shapes(lambda: full_model_on_meta(cfg)))
     return found
+
+
+def prepare_resume(run_dir: Path, found: Found) -> None:
+    """Rank 0, once the checkpoint is known to fit: drop dead saves and the metrics lines a
+    dead run wrote after the checkpoint, so every step is logged once."""
+    try:
+        remove_dead_saves(run_dir)
+        truncate_metrics(run_dir, found.step)
+    except OSError as e:
+        raise RunDirError(f"run.dir: {run_dir} cannot be prepared for resuming: {e.strerror or e}") from None
 
 
 def start(cfg: Config) -> tuple[Layout, Corpus, Optional[RunDirLock], Optional[Found]]:
@@ -184,6 +195,8 @@ def start(cfg: Config) -> tuple[Layout, Corpus, Optional[RunDirLock], Optional[F
         try:
             lock = RunDirLock(Path(cfg.run.dir)).acquire()
             found = checkpoint_to_resume(cfg, Path(cfg.run.dir))
+            if found is not None:
+                prepare_resume(Path(cfg.run.dir), found)
         except (RunDirError, CheckpointError) as e:
             problem = str(e)
     if problem is None:
@@ -219,7 +232,10 @@ def train(cfg: Config) -> dict:
 
 def _describe_changes(found: Found, cfg: Config) -> Optional[str]:
     """Settings that differ from the checkpoint's run, other than the layout and the step count."""
-    old = flat_config(config_from_dict(found.config)) if found.config else {}
+    try:
+        old = flat_config(config_of(found))
+    except CheckpointError as e:
+        return f"note: {e}"
     new = flat_config(cfg)
     ignored = ("parallel.", "train.steps", "train.stop_at", "train.device", "run.")  # layout, length, machine
     changed = [f"{k} ({old[k]} -> {v})" for k, v in new.items()
@@ -227,8 +243,8 @@ def _describe_changes(found: Found, cfg: Config) -> Optional[str]:
     return "changed since the checkpoint: " + ", ".join(changed) if changed else None
 
 
-def _resume(tr: Trainer, found: Optional[Found], corpus: Corpus, run_dir: Path) -> TrainState:
-    """Load `found` (if any) into the trainer; rank 0 drops metrics lines the checkpoint does not cover."""
+def _resume(tr: Trainer, found: Optional[Found], corpus: Corpus) -> TrainState:
+    """Load `found` (if any) into the trainer and say where the run continues from."""
     cfg, layout = tr.cfg, tr.layout
     if found is None:
         return TrainState()
@@ -242,20 +258,20 @@ def _resume(tr: Trainer, found: Optional[Found], corpus: Corpus, run_dir: Path) 
     if found.data_fingerprint not in (None, corpus.fingerprint):
         print0(layout.is_main, f"data differs from the checkpoint's (fingerprint {found.data_fingerprint} -> "
                                f"{corpus.fingerprint}): training continues on the new corpus")
-    if layout.is_main:
-        truncate_metrics(run_dir, state.step)
     return state
 
 
 def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Optional[Found]) -> dict:
     t, S = cfg.train, cfg.model.seq_len
     tr = build_trainer(cfg, layout)
-    state = _resume(tr, found, corpus, run_dir)
+    state = _resume(tr, found, corpus)
     if layout.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    if state.step >= t.steps:
-        print0(layout.is_main, f"nothing to train: the checkpoint is at step {state.step} and train.steps="
-                               f"{t.steps}; raise train.steps to train longer")
+    last_step = min(t.steps, t.stop_at) if t.stop_at else t.steps
+    if state.step >= last_step:
+        limit = f"train.stop_at={t.stop_at}" if last_step < t.steps else f"train.steps={t.steps}"
+        print0(layout.is_main, f"nothing to train: the checkpoint is at step {state.step} and {limit}; "
+                               f"raise it to train longer")
         return {}
     train_batches = TokenBatches(corpus.train, S, t.batch_size, layout.rank, layout.world_size, t.seed, True, "train")
     train_batches.continue_from(state.step, state.data_position)

@@ -4,8 +4,8 @@
   never joins raises `CollectiveError` after about that long, on the EP group and on the
   expert-data-parallel group, although the world group (120 s here) and torch's default
   (30 min) are far longer.
-* A rank killed mid-training: the survivor, a launcher-less CLI rank, exits 1 with one line
-  naming its rank, the step and the operation.
+* A rank killed or stopped (SIGSTOP) mid-training: the survivor, a launcher-less CLI rank,
+  exits 1 with one line naming its rank, the step and the operation, within parallel.timeout_s.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ SMALL = [
 
 
 @pytest.mark.slow
-def test_a_peer_killed_mid_training_becomes_one_error_naming_the_step(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_a_peer_killed_or_stopped_mid_training_becomes_one_error_naming_the_step(tmp_path, sig):
     corpus = tmp_path / "corpus.txt"
     gen = torch.Generator().manual_seed(0)
     corpus.write_bytes(bytes((torch.randint(97, 123, (6000,), generator=gen)).tolist()))
@@ -95,7 +96,7 @@ def test_a_peer_killed_mid_training_becomes_one_error_naming_the_step(tmp_path):
             assert time.monotonic() < deadline, "no step was logged within 120 s"
             time.sleep(0.1)
 
-        rank1.send_signal(signal.SIGKILL)
+        rank1.send_signal(sig)  # a stopped peer keeps its sockets open: only the timeout can notice
         killed = time.monotonic()
         try:
             _, err0 = rank0.communicate(timeout=60)

@@ -30,9 +30,9 @@ def objective(layer_out, upstream):
     return (layer_out.out * upstream).sum(-1).mean() + AUX_COEF * layer_out.aux_loss + Z_COEF * layer_out.z_loss
 
 
-def build(ep_group, stats_group, top_k, capacity_factor, collapse):
+def build(ep_group, stats_group, top_k, capacity_factor, collapse, **router_options):
     # built whole, then sharded, as the trainer's parallelize does
-    layer = MoE(D, F, E, top_k, capacity_factor, layer_id=3)
+    layer = MoE(D, F, E, top_k, capacity_factor, layer_id=3, **router_options)
     if ep_group is not None or stats_group is not None:
         layer.apply_expert_parallel(ep_group, stats_group)
     layer.init_weights(seed=11)
@@ -52,17 +52,18 @@ def _parity_worker(rank, world_size, ep):
     mine = slice(rank * T_LOCAL, (rank + 1) * T_LOCAL)
     # rank r pads its last 3r + 1 tokens: every rank holds a different number of valid tokens
     valid_all = torch.cat([torch.arange(T_LOCAL) < T_LOCAL - 3 * r - 1 for r in range(W)])
-    scenarios = [  # (top_k, capacity_factor, collapse, padded, bf16)
-        (1, None, False, False, False), (2, None, False, False, False), (2, 100.0, False, False, False),
-        (1, None, True, False, False), (2, None, False, True, False), (2, 100.0, False, True, False),
-        (2, None, False, False, True),
+    sigmoid = {"score_func": "sigmoid", "route_scale": 2.5}
+    scenarios = [  # (top_k, capacity_factor, collapse, padded, bf16, router options)
+        (1, None, False, False, False, {}), (2, None, False, False, False, {}), (2, 100.0, False, False, False, {}),
+        (1, None, True, False, False, {}), (2, None, False, True, False, {}), (2, 100.0, False, True, False, {}),
+        (2, None, False, False, True, {}), (3, None, False, True, False, sigmoid),
     ]
-    for top_k, capacity_factor, collapse, padded, bf16 in scenarios:
+    for top_k, capacity_factor, collapse, padded, bf16, options in scenarios:
         tol = BF16_TOL if bf16 else TOL
         x_in = x_all.abs() if collapse else x_all
         valid_ref, valid_loc = (valid_all, valid_all[mine]) if padded else (None, None)
-        ref = build(None, None, top_k, capacity_factor, collapse)
-        shard = build(layout.ep_group, layout.world_group, top_k, capacity_factor, collapse)
+        ref = build(None, None, top_k, capacity_factor, collapse, **options)
+        shard = build(layout.ep_group, layout.world_group, top_k, capacity_factor, collapse, **options)
         first = layout.ep_rank * (E // ep)
         local = slice(first, first + E // ep)
 
@@ -82,7 +83,8 @@ def _parity_worker(rank, world_size, ep):
             out = shard(x_loc, valid_loc)
         loss = objective(out, upstream_all[mine])
         loss.backward()
-        what = f"top_k={top_k} cf={capacity_factor} collapse={collapse} padded={padded} bf16={bf16} ep={ep} world={W}"
+        what = (f"top_k={top_k} cf={capacity_factor} collapse={collapse} padded={padded} bf16={bf16} {options} "
+                f"ep={ep} world={W}")
         # every local expert ran, even on zero rows: its gradient is zeros, never None
         for name, p in shard.experts.named_parameters():
             assert p.grad is not None, f"{what}: {name} has no gradient before the sync"

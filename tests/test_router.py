@@ -190,3 +190,43 @@ def test_aux_loss_is_averaged_over_layers_not_summed():
     out = model(torch.randint(0, 256, (2, 8)))
     assert len(model.moe_layers) == 3
     assert out.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_sigmoid_scores_choose_like_softmax_and_weigh_by_renormalised_sigmoid():
+    E, K = 6, 3
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(10, E, generator=gen)
+    softmax, sigmoid = Router(E, E, K), Router(E, E, K, score_func="sigmoid", route_scale=2.5)
+    with torch.no_grad():
+        softmax.weight.copy_(torch.randn(E, E, generator=gen))
+        sigmoid.weight.copy_(softmax.weight)
+    a, b = route(softmax, x), route(sigmoid, x)
+    assert torch.equal(a.expert_idx_TK, b.expert_idx_TK)  # both monotonic in the logits
+    logits = x @ sigmoid.weight.t()
+    chosen = torch.sigmoid(logits).gather(1, b.expert_idx_TK)
+    torch.testing.assert_close(b.weight_TK, 2.5 * chosen / chosen.sum(-1, keepdim=True))
+    scores = torch.sigmoid(logits)
+    torch.testing.assert_close(b.prob_sum_E, (scores / scores.sum(-1, keepdim=True)).sum(0))
+
+
+def test_sigmoid_balanced_routing_gives_aux_loss_of_one_and_skewed_more():
+    E = 4
+    router = router_with_identity_gate(E, score_func="sigmoid")
+    balanced = route(router, one_hot_tokens([0, 1, 2, 3] * 3, E))
+    assert balanced.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
+    skewed = route(router, one_hot_tokens([0, 0, 0, 1] * 3, E))
+    # sigmoid(20) ~ 1 and sigmoid(0) = 1/2: a token's normalised scores are 0.4 (its expert), 0.2 (others);
+    # f = [3/4, 1/4, 0, 0], P_0 = (9 * 0.4 + 3 * 0.2) / 12 = 0.35, P_1 = 0.25: aux = 4 * (0.2625 + 0.0625)
+    assert skewed.aux_loss.item() == pytest.approx(1.3, abs=1e-6)
+
+
+def test_route_scale_scales_the_output_and_nothing_else():
+    torch.manual_seed(0)
+    x = torch.randn(20, 16)
+    plain = MoE(16, 24, 4, top_k=2, layer_id=1)
+    scaled = MoE(16, 24, 4, top_k=2, layer_id=1, route_scale=2.5)
+    plain.init_weights(seed=3)
+    scaled.init_weights(seed=3)
+    a, b = plain(x), scaled(x)
+    torch.testing.assert_close(b.out, 2.5 * a.out)
+    assert torch.equal(a.aux_loss, b.aux_loss) and torch.equal(a.z_loss, b.z_loss)

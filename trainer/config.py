@@ -45,7 +45,9 @@ class MoEConfig:
     capacity_factor: Optional[float] = None  # null = dropless
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
-    normalize_top_k: Optional[bool] = None  # null = renormalise over the k chosen when k > 1
+    normalize_top_k: Optional[bool] = None  # null = renormalise over the k chosen when k > 1 (always for sigmoid)
+    score_func: str = "softmax"  # softmax | sigmoid (DeepSeek-V3: independent scores, renormalised over the k)
+    route_scale: float = 1.0  # multiplies the combine weights
     drop_policy: str = "position"  # position | probs: which routes keep their capacity slot
     expert_impl: str = "auto"  # auto | loop | grouped_mm
 
@@ -283,6 +285,8 @@ def validate(cfg: Config, world_size: int) -> None:
     _require(e.aux_loss_coef >= 0, "moe.aux_loss_coef", f"must be >= 0, got {e.aux_loss_coef}")
     _require(e.z_loss_coef >= 0, "moe.z_loss_coef", f"must be >= 0, got {e.z_loss_coef}")
     _choice(e.drop_policy, "moe.drop_policy", ("position", "probs"))
+    _choice(e.score_func, "moe.score_func", ("softmax", "sigmoid"))
+    _require(e.route_scale > 0, "moe.route_scale", f"must be > 0, got {e.route_scale}")
     _choice(e.expert_impl, "moe.expert_impl", ("auto", "loop", "grouped_mm"))
 
     _require(world_size % p.ep == 0, "parallel.ep",

@@ -58,8 +58,9 @@ class MoE(nn.Module):
         stats_group: group over which balance statistics are summed so that the aux loss is the
             global-batch one; use every data-parallel rank. Defaults to `ep_group`.
         layer_id: seeds the initialisation (with `init_weights(seed)`) and names the layer in errors.
-        normalize_top_k, drop_policy ("position" | "probs"), expert_impl ("auto" | "loop" |
-            "grouped_mm"), debug_splits: see the router, experts and dispatcher.
+        normalize_top_k, drop_policy ("position" | "probs"), score_func ("softmax" | "sigmoid"),
+            route_scale, expert_impl ("auto" | "loop" | "grouped_mm"), debug_splits: see the
+            router, experts and dispatcher.
 
     forward(x, valid=None) takes x of shape [..., D] and an optional bool mask of shape [...]
     (False = padding: no capacity, no statistics, zero output) and returns `MoEOutput`.
@@ -80,11 +81,14 @@ class MoE(nn.Module):
         drop_policy: str = "position",
         expert_impl: str = "auto",
         debug_splits: bool = False,
+        score_func: str = "softmax",
+        route_scale: float = 1.0,
     ):
         super().__init__()
         self.layer_id = layer_id
         self.where = f"moe layer {layer_id}"
-        self.router = Router(d_model, num_experts, top_k, capacity_factor, normalize_top_k, drop_policy)
+        self.router = Router(d_model, num_experts, top_k, capacity_factor, normalize_top_k, drop_policy, score_func,
+                             route_scale)
         self.experts = Experts(num_experts, d_model, d_ff, 0, expert_impl)
         self.dispatcher = Dispatcher(num_experts, None, self.where, debug_splits)
         self.stats_group: Optional[ProcessGroup] = None

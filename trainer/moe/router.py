@@ -7,6 +7,11 @@ The router is pure: it sees only this rank's tokens and performs no collective. 
 this rank's routing counts (`local_counts`); the MoE layer sums them over its stats group (the
 one reduction) and hands the global counts to `balance_losses`.
 
+Scores. `softmax` (default): probabilities over all E experts. `sigmoid` (DeepSeek-V3): an
+independent score per expert; the combine weights are the chosen scores renormalised over
+the k (unless `normalize_top_k=False`), and the balance statistics use each token's scores
+normalised to sum to one. `route_scale` multiplies the combine weights (DeepSeek-V3: 2.5).
+
 Layout invariance. With counts summed over every data-parallel rank, the loss one rank
 computes, averaged over ranks by the gradient sync, equals the loss one process computes on
 the whole global batch:
@@ -28,12 +33,15 @@ from torch import nn
 from ..seeding import derived_seed
 
 
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
 @dataclass
 class Routing:
     expert_idx_TK: torch.Tensor  # int64, chosen experts (global ids)
     weight_TK: torch.Tensor  # fp32 combine weights (differentiable)
     keep_TK: torch.Tensor  # bool, route is dispatched (valid token and within capacity)
-    prob_sum_E: torch.Tensor  # fp32, full-softmax probabilities summed over valid local tokens (differentiable)
+    prob_sum_E: torch.Tensor  # fp32, per-token normalised scores summed over valid local tokens (differentiable)
     z_sum: torch.Tensor  # fp32 scalar, logsumexp(logits)^2 summed over valid local tokens (differentiable)
     local_counts: torch.Tensor  # int64 [E + 2]: routes per expert before drops, dropped routes, valid tokens
 
@@ -97,6 +105,8 @@ class Router(nn.Module):
         capacity_factor: Optional[float] = None,
         normalize_top_k: Optional[bool] = None,
         drop_policy: str = "position",
+        score_func: str = "softmax",
+        route_scale: float = 1.0,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -105,21 +115,32 @@ class Router(nn.Module):
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
         if drop_policy not in ("position", "probs"):
             raise ValueError(f"drop_policy must be 'position' or 'probs', got {drop_policy!r}")
+        if score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+        if not route_scale > 0:
+            raise ValueError(f"route_scale must be > 0, got {route_scale}")
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor = capacity_factor
-        # k=1 keeps the raw probability (Switch) so the gate learns from the LM loss;
-        # k>1 renormalises over the chosen experts (Mixtral).
-        self.normalize_top_k = top_k > 1 if normalize_top_k is None else normalize_top_k
-        self.drop_policy = drop_policy
+        # softmax: k=1 keeps the raw probability (Switch) so the gate learns from the LM loss;
+        # k>1 renormalises over the chosen experts (Mixtral). sigmoid: renormalise (DeepSeek-V3).
+        default_normalize = top_k > 1 or score_func == "sigmoid"
+        self.normalize_top_k = default_normalize if normalize_top_k is None else normalize_top_k
+        self.drop_policy, self.score_func, self.route_scale = drop_policy, score_func, route_scale
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
 
     def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> Routing:
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        top_p_TK, expert_idx_TK = torch.topk(probs_TE, K, dim=-1)
+        if self.score_func == "softmax":
+            scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
+        else:
+            scores_TE = torch.sigmoid(logits_TE)
+            probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)  # for the balance statistics
+        top_p_TK, expert_idx_TK = torch.topk(scores_TE, K, dim=-1)
         weight_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True) if self.normalize_top_k else top_p_TK
+        if self.route_scale != 1.0:
+            weight_TK = weight_TK * self.route_scale
 
         if valid_T is None:
             valid_T = torch.ones(T, dtype=torch.bool, device=x_TD.device)

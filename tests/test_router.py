@@ -230,3 +230,17 @@ def test_route_scale_scales_the_output_and_nothing_else():
     a, b = plain(x), scaled(x)
     torch.testing.assert_close(b.out, 2.5 * a.out)
     assert torch.equal(a.aux_loss, b.aux_loss) and torch.equal(a.z_loss, b.z_loss)
+
+
+def test_router_entropy_is_log_e_for_uniform_scores_and_zero_for_certain_ones():
+    E = 8
+    uniform = Router(E, E, 2)
+    with torch.no_grad():
+        uniform.weight.zero_()
+    x = torch.randn(5, E)
+    assert uniform(x).entropy_sum.item() == pytest.approx(5 * math.log(E), rel=1e-6)
+    certain = router_with_identity_gate(E, scale=200.0)
+    assert certain(one_hot_tokens([0, 3, 5], E)).entropy_sum.item() == pytest.approx(0.0, abs=1e-6)
+    # padding adds nothing
+    valid = torch.tensor([True, False, True, False, False])
+    assert uniform(x, valid).entropy_sum.item() == pytest.approx(2 * math.log(E), rel=1e-6)

@@ -1,6 +1,7 @@
 """Training parity through the real CLI: 1 process == 2 processes (ep=2) == 4 processes (ep=2, 2 replicas).
 
-Dropless, fp32, aux and z losses on: per-step loss and gradient norm must agree to rel. 1e-5.
+Dropless, fp32, aux and z losses on: per-step loss, gradient norm and the routing metrics
+(load spread, router entropy) must agree to rel. 1e-5, routes per expert exactly.
 """
 
 import pytest
@@ -15,7 +16,7 @@ SMALL = [
     "moe.aux_loss_coef=0.01", "moe.z_loss_coef=0.001",
     "train.steps=10", "train.batch_size=8", "train.warmup_steps=2", "train.lr=3e-3",
     "train.eval_every=0", "train.eval_batches=1", "train.dtype=fp32", "train.device=cpu",
-    "run.log_every=1", "run.progress=false",
+    "run.log_every=1", "run.progress=false", "run.log_expert_counts=true",
 ]
 
 
@@ -37,7 +38,11 @@ def test_per_step_loss_and_grad_norm_match_one_process(tmp_path):
     for name, metrics in runs.items():
         assert [m["step"] for m in metrics] == [m["step"] for m in reference]
         for ref, got in zip(reference, metrics):
-            for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm"):
+            # routing metrics are global too: the same routes per expert, spread and entropy
+            assert got["expert_counts"] == ref["expert_counts"], f"{name} step {ref['step']}"
+            assert got["dead_experts"] == ref["dead_experts"]
+            for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "expert_load_cv", "router_entropy",
+                        "router_entropy_min"):
                 assert got[key] == pytest.approx(ref[key], rel=1e-5), f"{name} step {ref['step']} {key}"
                 worst[key] = max(worst.get(key, 0.0), abs(got[key] - ref[key]) / abs(ref[key]))
         assert metrics[-1]["val_loss"] == pytest.approx(reference[-1]["val_loss"], rel=1e-5)

@@ -296,3 +296,19 @@ def _memory_worker(rank, world_size):
 @pytest.mark.slow
 def test_resident_memory_stays_flat():
     run_processes(_memory_worker, 2)
+
+
+def test_routing_window_reports_spread_dead_experts_and_entropy_over_its_steps():
+    from trainer.tracking import RoutingWindow
+
+    window = RoutingWindow()
+    assert window.summary() == {}  # a dense model reports nothing
+    window.add(torch.tensor([[2, 2, 2, 2], [4, 0, 0, 0]]), torch.tensor([1.0, 0.5]))
+    window.add(torch.tensor([[2, 2, 2, 2], [0, 0, 4, 0]]), torch.tensor([1.0, 0.3]))
+    record = window.summary(per_expert=True)
+    # layer 0: perfectly even (cv 0); layer 1: loads [4, 0, 4, 0] over the window: cv 1, two dead experts
+    assert record["expert_load_cv"] == pytest.approx(1.0) and record["expert_load_cv_mean"] == pytest.approx(0.5)
+    assert record["dead_experts"] == 2 and record["dead_experts_mean"] == 1.0
+    assert record["router_entropy"] == pytest.approx((1.0 + 0.4) / 2) and record["router_entropy_min"] == pytest.approx(0.4)
+    assert record["expert_counts"] == [[4, 4, 4, 4], [4, 0, 4, 0]]
+    assert window.summary() == {}  # each log line starts a new window

@@ -102,6 +102,7 @@ class RunConfig:
     wandb_project: str = "moe-trainer"
     name: Optional[str] = None
     progress: bool = True  # tqdm bar on rank 0
+    log_expert_counts: bool = False  # also log each MoE layer's routes per expert (expert_counts)
 
 
 @dataclass

@@ -65,6 +65,9 @@ class StepStats:
         self.dropped = torch.zeros((), dtype=torch.float64, device=device)
         self.routes = torch.zeros((), dtype=torch.float64, device=device)
         self.load_max = torch.zeros((), dtype=torch.float64, device=device)  # busiest / mean, worst layer
+        self.routed_LE: Optional[torch.Tensor] = None  # routes per expert of each MoE layer, global
+        self.entropy_L: Optional[torch.Tensor] = None  # router entropy summed over THIS rank's valid tokens
+        self.valid_L: Optional[torch.Tensor] = None  # valid tokens of each MoE layer, global
 
     def add(self, out, micro_batches: int) -> None:
         """`out` is a `trainer.model.ModelOutput` of one micro-batch."""
@@ -74,10 +77,53 @@ class StepStats:
             self.routes += s.routes
             load = s.routed_E.double()
             self.load_max = torch.maximum(self.load_max, load.max() / load.mean().clamp(min=1e-9))
+        if out.moe_stats:
+            routed_LE = torch.stack([s.routed_E for s in out.moe_stats]).long()
+            entropy_L = torch.stack([s.entropy_sum for s in out.moe_stats]).double()
+            valid_L = torch.stack([s.valid_tokens for s in out.moe_stats]).double()
+            first = self.routed_LE is None
+            self.routed_LE = routed_LE if first else self.routed_LE + routed_LE
+            self.entropy_L = entropy_L if first else self.entropy_L + entropy_L
+            self.valid_L = valid_L if first else self.valid_L + valid_L
 
     def routing_summary(self) -> torch.Tensor:
         """[dropped fraction, worst load ratio], identical on every rank."""
         return torch.stack([self.dropped / self.routes.clamp(min=1), self.load_max])
+
+
+class RoutingWindow:
+    """Per-layer routing over the steps since the last log line: load spread, dead experts,
+    router entropy. Bounded in size: the worst layer and the mean over layers; per-expert
+    counts only when asked (`run.log_expert_counts`)."""
+
+    def __init__(self) -> None:
+        self.routed_LE: Optional[torch.Tensor] = None
+        self.entropy_L: Optional[torch.Tensor] = None
+        self.steps = 0
+
+    def add(self, routed_LE: Optional[torch.Tensor], entropy_L: Optional[torch.Tensor]) -> None:
+        """One step's global routes per expert [L, E] and mean router entropy [L] (host tensors)."""
+        if routed_LE is None:
+            return
+        self.routed_LE = routed_LE.clone() if self.routed_LE is None else self.routed_LE + routed_LE
+        self.entropy_L = entropy_L.clone() if self.entropy_L is None else self.entropy_L + entropy_L
+        self.steps += 1
+
+    def summary(self, per_expert: bool = False) -> dict:
+        """The window's fields for `metrics.jsonl` ({} for a dense model), then a fresh window."""
+        if self.routed_LE is None:
+            return {}
+        load_LE = self.routed_LE.double()
+        cv_L = load_LE.std(dim=1, unbiased=False) / load_LE.mean(dim=1).clamp(min=1e-12)
+        dead_L = (self.routed_LE == 0).sum(dim=1).double()
+        entropy_L = self.entropy_L / self.steps
+        record = {"expert_load_cv": cv_L.max().item(), "expert_load_cv_mean": cv_L.mean().item(),
+                  "dead_experts": int(dead_L.max().item()), "dead_experts_mean": dead_L.mean().item(),
+                  "router_entropy": entropy_L.mean().item(), "router_entropy_min": entropy_L.min().item()}
+        if per_expert:
+            record["expert_counts"] = self.routed_LE.tolist()
+        self.__init__()
+        return record
 
 
 LOSS_FIELDS = ("loss", "lm_loss", "aux_loss", "z_loss")

@@ -33,7 +33,7 @@ from .moe.collectives import CollectiveError, all_reduce_sum_
 from .parallelize import parallelize
 from .preemption import StopRequest
 from .rundir import RunDirError, RunDirLock, holds_a_run_without_checkpoint
-from .tracking import (METRICS_FILE, StepStats, Tracker, eval_record, print0, progress_bar, train_record,
+from .tracking import (METRICS_FILE, RoutingWindow, StepStats, Tracker, eval_record, print0, progress_bar, train_record,
                        truncate_metrics)
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
@@ -98,6 +98,8 @@ class StepResult:
     routing: list[float]  # dropped fraction, worst expert load ratio
     applied: bool  # False: non-finite, the optimizer step was skipped
     stop: bool = False  # some rank was asked to stop (SIGTERM/SIGINT): every rank sees the same
+    routed_LE: Optional[torch.Tensor] = None  # routes per expert of each MoE layer over the step (host, global)
+    entropy_L: Optional[torch.Tensor] = None  # mean router entropy per MoE layer over the step's tokens (host)
 
 
 def train_step(tr: Trainer, inputs: torch.Tensor, targets: torch.Tensor, lr: float,
@@ -126,19 +128,27 @@ def train_step(tr: Trainer, inputs: torch.Tensor, targets: torch.Tensor, lr: flo
 
     tr.grad_sync.reduce()
     grad_norm = tr.grad_sync.clip_(cfg.train.grad_clip)
-    losses_and_stop = torch.cat([stats.losses, stats.losses.new_tensor([float(stop_requested)])])
-    all_reduce_sum_(losses_and_stop, layout.world_group, "train step", "all_reduce of losses")
+    # the step's one all_reduce of reported values: losses, the stop flag, router entropy sums
+    entropy_L = stats.entropy_L if stats.entropy_L is not None else stats.losses.new_zeros(0)
+    reduced = torch.cat([stats.losses, stats.losses.new_tensor([float(stop_requested)]), entropy_L])
+    all_reduce_sum_(reduced, layout.world_group, "train step", "all_reduce of losses")
+    mean_entropy_L = reduced[5:] / stats.valid_L.clamp(min=1) if stats.valid_L is not None else entropy_L
     # one device-to-host copy for everything the step reports
-    host = torch.cat([losses_and_stop[:4] / layout.world_size, grad_norm.double().view(1), stats.routing_summary(),
-                      losses_and_stop[4:]]).tolist()
-    losses, norm, routing, stop = host[:4], host[4], host[5:7], host[7] > 0
+    routed = stats.routed_LE.flatten().double() if stats.routed_LE is not None else entropy_L
+    host = torch.cat([reduced[:4] / layout.world_size, grad_norm.double().view(1), stats.routing_summary(),
+                      reduced[4:5], mean_entropy_L, routed]).cpu()
+    values = host[:8].tolist()
+    losses, norm, routing, stop = values[:4], values[4], values[5:7], values[7] > 0
+    n_layers = mean_entropy_L.numel()
+    entropy_host_L = host[8:8 + n_layers]
+    routed_LE = host[8 + n_layers:].long().view(n_layers, -1) if stats.routed_LE is not None else None
     applied = math.isfinite(losses[0]) and math.isfinite(norm)
     if applied:
         for group in tr.optimizer.param_groups:
             group["lr"] = lr
         tr.optimizer.step()
     tr.optimizer.zero_grad(set_to_none=True)
-    return StepResult(losses, norm, routing, applied, stop)
+    return StepResult(losses, norm, routing, applied, stop, routed_LE, entropy_host_L if routed_LE is not None else None)
 
 
 @torch.no_grad()
@@ -303,6 +313,7 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
     tokens_per_step = t.batch_size * S
     last: dict = {}
     window_time, window_steps = 0.0, 0
+    routing_window = RoutingWindow()
     start_time = time.perf_counter()
     step = state.step
     try:
@@ -319,6 +330,7 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
                     torch.cuda.synchronize(layout.device)
                 window_time += time.perf_counter() - step_start
                 window_steps += 1
+                routing_window.add(result.routed_LE, result.entropy_L)
 
                 record = None
                 if step % cfg.run.log_every == 0 or step in (t.steps, t.stop_at) or result.stop:
@@ -327,6 +339,7 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
                     record = train_record(step, result.losses, result.grad_norm, lr, result.routing, tokens_per_s,
                                           train_batches.epoch_of(step), time.perf_counter() - start_time,
                                           state.skipped_steps, mfu)
+                    record.update(routing_window.summary(cfg.run.log_expert_counts))
                     window_time, window_steps = 0.0, 0
                     bar.set_postfix(loss=f"{result.losses[0]:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
                 if step == t.steps or (t.eval_every > 0 and step % t.eval_every == 0):

@@ -32,6 +32,9 @@ class MoEStats:
     routed_E: torch.Tensor  # routes per expert before capacity drops
     dropped: torch.Tensor  # routes dropped by capacity
     routes: torch.Tensor  # valid tokens * top_k
+    entropy_sum: torch.Tensor  # router entropy summed over THIS rank's valid tokens (not reduced: the
+    #                            trainer adds it to the all_reduce it already makes each step)
+    valid_tokens: torch.Tensor  # valid tokens, summed over the stats group
 
 
 @dataclass
@@ -144,7 +147,8 @@ class MoE(nn.Module):
             out=out_TD.to(x.dtype).view(shape),
             aux_loss=aux_loss,
             z_loss=z_loss,
-            stats=MoEStats(counts.routed_E, counts.dropped, counts.valid_tokens * self.router.top_k),
+            stats=MoEStats(counts.routed_E, counts.dropped, counts.valid_tokens * self.router.top_k,
+                           routing.entropy_sum, counts.valid_tokens),
         )
 
     def init_weights(self, seed: int, std: Optional[float] = None, out_std: Optional[float] = None) -> None:

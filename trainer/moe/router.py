@@ -44,6 +44,7 @@ class Routing:
     prob_sum_E: torch.Tensor  # fp32, per-token normalised scores summed over valid local tokens (differentiable)
     z_sum: torch.Tensor  # fp32 scalar, logsumexp(logits)^2 summed over valid local tokens (differentiable)
     local_counts: torch.Tensor  # int64 [E + 2]: routes per expert before drops, dropped routes, valid tokens
+    entropy_sum: Optional[torch.Tensor] = None  # fp32 scalar, routing-distribution entropy summed over valid local tokens (detached)
 
 
 @dataclass
@@ -171,6 +172,7 @@ class Router(nn.Module):
             prob_sum_E=(probs_TE * valid_f_T[:, None]).sum(0),
             z_sum=(torch.logsumexp(logits_TE, dim=-1).square() * valid_f_T).sum(),
             local_counts=torch.cat([routed_E, dropped.view(1), num_valid.view(1)]).to(torch.int64),
+            entropy_sum=(torch.special.entr(probs_TE.detach()).sum(-1) * valid_f_T).sum(),
         )
 
     def init_weights(self, seed: int, layer_id: int, std: float) -> None:

@@ -116,3 +116,18 @@ def test_eval_refuses_model_overrides_and_evaluates_another_corpus(capsys, train
     assert code == 0, err
     line = json.loads(out)
     assert line["step"] == 4 and str(other) in line["data"]
+
+
+def test_the_expert_bias_travels_in_the_checkpoint(capsys, tmp_path, corpus):
+    bias = ["moe.expert_bias_rate=0.05", "moe.aux_loss_coef=0", "train.steps=6"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert cli(capsys, "train", TINY, *SMALL, *files_data(corpus), *bias, f"run.dir={straight}")[0] == 0
+    assert cli(capsys, "train", TINY, *SMALL, *files_data(corpus), *bias, "train.stop_at=3",
+               f"run.dir={interrupted}")[0] == 0
+    assert cli(capsys, "train", TINY, *SMALL, *files_data(corpus), *bias, f"run.dir={interrupted}")[0] == 0
+    losses = [[r["loss"] for r in read_metrics(d) if "loss" in r] for d in (straight, interrupted)]
+    assert losses[0] == losses[1]
+    from trainer import load_model
+
+    model, _ = load_model(interrupted)
+    assert model.moe_layers[0].router.expert_bias_E.abs().sum() > 0

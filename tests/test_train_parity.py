@@ -66,3 +66,15 @@ def test_gradient_accumulation_equals_more_ranks(tmp_path):
     for a, w in zip(accumulated, wide):
         assert a["loss"] == pytest.approx(w["loss"], rel=1e-5), a["step"]
         assert a["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), a["step"]
+
+
+def test_expert_bias_balancing_is_the_same_on_every_layout(tmp_path):
+    """Aux-loss-free balancing: the bias follows global counts, so 2 processes route like one."""
+    bias = ["moe.aux_loss_coef=0", "moe.expert_bias_rate=0.01", "train.steps=6"]
+    one = train_run(tmp_path, "bias-one", 1, 1, bias)
+    two = train_run(tmp_path, "bias-two", 2, 2, bias)
+    for ref, got in zip(one, two):
+        assert got["expert_counts"] == ref["expert_counts"], ref["step"]
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    without = train_run(tmp_path, "no-bias", 1, 1, ["moe.aux_loss_coef=0", "train.steps=6"])
+    assert without[-1]["expert_counts"] != one[-1]["expert_counts"]  # the bias did change the routing

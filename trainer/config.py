@@ -48,6 +48,7 @@ class MoEConfig:
     normalize_top_k: Optional[bool] = None  # null = renormalise over the k chosen when k > 1 (always for sigmoid)
     score_func: str = "softmax"  # softmax | sigmoid (DeepSeek-V3: independent scores, renormalised over the k)
     route_scale: float = 1.0  # multiplies the combine weights
+    expert_bias_rate: float = 0.0  # > 0: aux-loss-free balancing (DeepSeek-V3 expert bias), bias step per optimizer step
     drop_policy: str = "position"  # position | probs: which routes keep their capacity slot
     expert_impl: str = "auto"  # auto | loop | grouped_mm
 
@@ -288,6 +289,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _choice(e.drop_policy, "moe.drop_policy", ("position", "probs"))
     _choice(e.score_func, "moe.score_func", ("softmax", "sigmoid"))
     _require(e.route_scale > 0, "moe.route_scale", f"must be > 0, got {e.route_scale}")
+    _require(e.expert_bias_rate >= 0, "moe.expert_bias_rate", f"must be >= 0 (0 = off), got {e.expert_bias_rate}")
     _choice(e.expert_impl, "moe.expert_impl", ("auto", "loop", "grouped_mm"))
 
     _require(world_size % p.ep == 0, "parallel.ep",

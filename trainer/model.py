@@ -101,7 +101,8 @@ class Transformer(nn.Module):
                 ffn = MoE(cfg.d_model, moe_cfg.d_ff, moe_cfg.num_experts, moe_cfg.top_k, moe_cfg.capacity_factor,
                           layer_id=layer_id, normalize_top_k=moe_cfg.normalize_top_k,
                           drop_policy=moe_cfg.drop_policy, expert_impl=moe_cfg.expert_impl,
-                          score_func=moe_cfg.score_func, route_scale=moe_cfg.route_scale)
+                          score_func=moe_cfg.score_func, route_scale=moe_cfg.route_scale,
+                          expert_bias=moe_cfg.expert_bias_rate > 0)
             else:
                 ffn = DenseFFN(cfg.d_model, cfg.dense_d_ff or moe_cfg.d_ff)
             blocks.append(Block(cfg, ffn))

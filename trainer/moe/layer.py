@@ -62,8 +62,9 @@ class MoE(nn.Module):
             global-batch one; use every data-parallel rank. Defaults to `ep_group`.
         layer_id: seeds the initialisation (with `init_weights(seed)`) and names the layer in errors.
         normalize_top_k, drop_policy ("position" | "probs"), score_func ("softmax" | "sigmoid"),
-            route_scale, expert_impl ("auto" | "loop" | "grouped_mm"), debug_splits: see the
-            router, experts and dispatcher.
+            route_scale, expert_bias (aux-loss-free balancing: call `router.update_expert_bias(rate)`
+            once per optimizer step), expert_impl ("auto" | "loop" | "grouped_mm"), debug_splits:
+            see the router, experts and dispatcher.
 
     forward(x, valid=None) takes x of shape [..., D] and an optional bool mask of shape [...]
     (False = padding: no capacity, no statistics, zero output) and returns `MoEOutput`.
@@ -86,12 +87,13 @@ class MoE(nn.Module):
         debug_splits: bool = False,
         score_func: str = "softmax",
         route_scale: float = 1.0,
+        expert_bias: bool = False,
     ):
         super().__init__()
         self.layer_id = layer_id
         self.where = f"moe layer {layer_id}"
         self.router = Router(d_model, num_experts, top_k, capacity_factor, normalize_top_k, drop_policy, score_func,
-                             route_scale)
+                             route_scale, expert_bias)
         self.experts = Experts(num_experts, d_model, d_ff, 0, expert_impl)
         self.dispatcher = Dispatcher(num_experts, None, self.where, debug_splits)
         self.stats_group: Optional[ProcessGroup] = None
@@ -138,6 +140,8 @@ class MoE(nn.Module):
         counts = RoutingCounts.split(all_reduce_sum_(
             routing.local_counts, self.stats_group, self.where, "all_reduce of routing statistics"))
         aux_loss, z_loss = balance_losses(routing, counts, group_size(self.stats_group), self.router.top_k)
+        if self.router.use_expert_bias and self.training and torch.is_grad_enabled():  # only training forwards count
+            self.router.count_for_bias(counts.routed_E)
         if torch.is_autocast_enabled(x.device.type):  # send half-width rows, experts run in it anyway
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         x_XD, plan = self.dispatcher.dispatch(x_TD, routing)

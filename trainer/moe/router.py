@@ -12,6 +12,13 @@ independent score per expert; the combine weights are the chosen scores renormal
 the k (unless `normalize_top_k=False`), and the balance statistics use each token's scores
 normalised to sum to one. `route_scale` multiplies the combine weights (DeepSeek-V3: 2.5).
 
+Expert bias (aux-loss-free balancing, DeepSeek-V3). `expert_bias_E` is added to the scores
+only to choose the k experts; the combine weights and balance statistics use the unbiased
+scores. Training forwards with gradients enabled add their global counts to
+`pending_counts_E` (eval and no-grad forwards do not); `update_expert_bias` then moves each
+bias by `rate * sign(mean load - load)` once per optimizer step and re-centres it at zero.
+The bias is a buffer: checkpoints carry it.
+
 Layout invariance. With counts summed over every data-parallel rank, the loss one rank
 computes, averaged over ranks by the gradient sync, equals the loss one process computes on
 the whole global batch:
@@ -108,6 +115,7 @@ class Router(nn.Module):
         drop_policy: str = "position",
         score_func: str = "softmax",
         route_scale: float = 1.0,
+        expert_bias: bool = False,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -127,7 +135,10 @@ class Router(nn.Module):
         default_normalize = top_k > 1 or score_func == "sigmoid"
         self.normalize_top_k = default_normalize if normalize_top_k is None else normalize_top_k
         self.drop_policy, self.score_func, self.route_scale = drop_policy, score_func, route_scale
+        self.use_expert_bias = expert_bias  # a flag, not `bias.any()`: that would be a host sync per layer
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.register_buffer("expert_bias_E", torch.zeros(num_experts))
+        self.register_buffer("pending_counts_E", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
 
     def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> Routing:
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
@@ -138,7 +149,11 @@ class Router(nn.Module):
         else:
             scores_TE = torch.sigmoid(logits_TE)
             probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)  # for the balance statistics
-        top_p_TK, expert_idx_TK = torch.topk(scores_TE, K, dim=-1)
+        if self.use_expert_bias:  # the bias chooses, the unbiased scores weigh
+            expert_idx_TK = torch.topk(scores_TE.detach() + self.expert_bias_E, K, dim=-1).indices
+            top_p_TK = scores_TE.gather(1, expert_idx_TK)
+        else:
+            top_p_TK, expert_idx_TK = torch.topk(scores_TE, K, dim=-1)
         weight_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True) if self.normalize_top_k else top_p_TK
         if self.route_scale != 1.0:
             weight_TK = weight_TK * self.route_scale
@@ -175,7 +190,22 @@ class Router(nn.Module):
             entropy_sum=(torch.special.entr(probs_TE.detach()).sum(-1) * valid_f_T).sum(),
         )
 
+    def count_for_bias(self, routed_E: torch.Tensor) -> None:
+        """Record one training forward's global routes per expert (the MoE layer calls this)."""
+        self.pending_counts_E += routed_E.to(self.pending_counts_E.dtype)
+
+    @torch.no_grad()
+    def update_expert_bias(self, rate: float) -> None:
+        """Once per optimizer step: bias += rate * sign(mean load - load), then centred at zero."""
+        load_E = self.pending_counts_E.double()
+        if load_E.sum() > 0:
+            self.expert_bias_E += rate * torch.sign(load_E.mean() - load_E).to(self.expert_bias_E.dtype)
+            self.expert_bias_E -= self.expert_bias_E.mean()
+        self.pending_counts_E.zero_()
+
     def init_weights(self, seed: int, layer_id: int, std: float) -> None:
         gen = torch.Generator().manual_seed(derived_seed(seed, layer_id, "router"))
         with torch.no_grad():
             self.weight.copy_(torch.randn(self.weight.shape, generator=gen) * std)
+            self.expert_bias_E.zero_()
+            self.pending_counts_E.zero_()

@@ -143,3 +143,24 @@ def _timeout_worker(rank, world_size):
 
 def test_a_missing_peer_becomes_an_error_naming_the_layer():
     run_processes(_timeout_worker, 2)
+
+
+def _overload_worker(rank, world_size):
+    from trainer.moe import LoadError, MoE
+
+    layer = MoE(D, 8, 4, top_k=1, ep_group=dist.group.WORLD, layer_id=6, max_recv_factor=1.5)
+    layer.init_weights(0)
+    with torch.no_grad():  # every token's choice is expert 0, on EP rank 0: twice the balanced load
+        layer.router.weight.zero_()
+        layer.router.weight[0] = 1.0
+    x = torch.rand(8, D) + 0.1
+    with pytest.raises(LoadError, match=r"moe layer 6: EP rank 0 would receive 2\.00x the balanced load "
+                                        r"\(16 of 16 routes .*moe\.max_recv_factor=1\.5\)"):
+        layer(x)
+    layer.max_recv_factor = None
+    layer.dispatcher.max_recv_factor = None
+    assert layer(x).out.shape == x.shape  # without the limit the same call goes through
+
+
+def test_a_receive_buffer_over_max_recv_factor_fails_on_every_rank_alike():
+    run_processes(_overload_worker, 2)

@@ -302,3 +302,26 @@ def test_eval_and_no_grad_forwards_do_not_move_the_expert_bias():
     assert int(layer.router.pending_counts_E.sum()) == 0
     layer.router.update_expert_bias(0.1)
     assert torch.equal(layer.router.expert_bias_E, torch.zeros(8))
+
+
+def test_eval_capacity_applies_in_eval_only():
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    capped = MoE(16, 24, 4, top_k=2, capacity_factor=0.5, layer_id=0)
+    capped.init_weights(seed=0)
+    assert int(capped(x).stats.dropped) > 0  # training: capacity 0.5
+    capped.eval()
+    assert int(capped(x).stats.dropped) == 0  # eval: moe.eval_capacity_factor=null, dropless
+    capped_in_eval = MoE(16, 24, 4, top_k=2, capacity_factor=None, eval_capacity_factor=0.5, layer_id=0)
+    capped_in_eval.init_weights(seed=0)
+    assert int(capped_in_eval(x).stats.dropped) == 0
+    capped_in_eval.eval()
+    assert int(capped_in_eval(x).stats.dropped) > 0
+
+
+def test_min_capacity_keeps_at_least_that_many_routes_per_expert():
+    E = 4
+    router = router_with_identity_gate(E, capacity_factor=0.01, min_capacity=3)  # ceil(0.01 * 8 / 4) = 1
+    routing = route(router, one_hot_tokens([0] * 5 + [1] * 2 + [2], E))
+    kept_E = torch.bincount(routing.expert_idx_TK[routing.keep_TK], minlength=E)
+    assert kept_E.tolist() == [3, 2, 1, 0]
+    assert capacity(torch.tensor(8), 0.01, 1, E, 3).item() == 3

@@ -150,6 +150,7 @@ def _run_training(cfg) -> int:
     from .agreement import AgreementError, ReplicaMismatchError
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .moe import LoadError
     from .moe.collectives import CollectiveError
     from .train import NonFiniteError, train
 
@@ -157,7 +158,7 @@ def _run_training(cfg) -> int:
         train(cfg)
     except (AgreementError, DataError) as e:  # DataError: the corpus is read once more per rank after start-up
         return _fail(str(e), EXIT_BAD_INPUT)
-    except (NonFiniteError, ReplicaMismatchError, CheckpointError) as e:
+    except (NonFiniteError, ReplicaMismatchError, CheckpointError, LoadError) as e:
         return _fail(str(e), EXIT_FAILED)
     except CollectiveError as e:
         return _fail(f"rank {env_rank()}: {e}", EXIT_FAILED, every_rank=True)

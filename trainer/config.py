@@ -43,6 +43,9 @@ class MoEConfig:
     top_k: int = 2
     d_ff: int = 256
     capacity_factor: Optional[float] = None  # null = dropless
+    eval_capacity_factor: Optional[float] = None  # capacity in evaluation only; null = dropless
+    min_capacity: int = 0  # each expert keeps at least this many routes per rank when capacity applies
+    max_recv_factor: Optional[float] = None  # dropless: fail when an EP rank would receive more than this x the balanced load
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     normalize_top_k: Optional[bool] = None  # null = renormalise over the k chosen when k > 1 (always for sigmoid)
@@ -284,6 +287,11 @@ def validate(cfg: Config, world_size: int) -> None:
         _require(p.ep == 1, "parallel.ep", f"a dense model (moe.num_experts=0) needs parallel.ep=1, got {p.ep}")
     _require(e.capacity_factor is None or e.capacity_factor > 0, "moe.capacity_factor",
              f"must be > 0 or null (dropless), got {e.capacity_factor}")
+    _require(e.eval_capacity_factor is None or e.eval_capacity_factor > 0, "moe.eval_capacity_factor",
+             f"must be > 0 or null (dropless), got {e.eval_capacity_factor}")
+    _require(e.min_capacity >= 0, "moe.min_capacity", f"must be >= 0, got {e.min_capacity}")
+    _require(e.max_recv_factor is None or e.max_recv_factor >= 1, "moe.max_recv_factor",
+             f"must be >= 1 (1 = perfectly balanced) or null (no limit), got {e.max_recv_factor}")
     _require(e.aux_loss_coef >= 0, "moe.aux_loss_coef", f"must be >= 0, got {e.aux_loss_coef}")
     _require(e.z_loss_coef >= 0, "moe.z_loss_coef", f"must be >= 0, got {e.z_loss_coef}")
     _choice(e.drop_policy, "moe.drop_policy", ("position", "probs"))

@@ -29,6 +29,7 @@ from .data import Corpus, DataError, TokenBatches, check_corpus, load_corpus
 from .dist import Layout, env_rank, init_world, make_layout, pick_device, shutdown
 from .grad_sync import GradSync
 from .model import Transformer
+from .moe import LoadError
 from .moe.collectives import CollectiveError, all_reduce_sum_
 from .parallelize import parallelize
 from .preemption import StopRequest
@@ -369,6 +370,8 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
                     return last
     except CollectiveError as e:
         raise CollectiveError(f"step {step}: {e}") from e
+    except LoadError as e:
+        raise LoadError(f"step {step}: {e}") from e
     finally:
         bar.close()
         tracker.close()

@@ -50,22 +50,30 @@ def regroup_index(counts_PL: torch.Tensor) -> torch.Tensor:
     return block_start_X + torch.arange(total, device=counts_PL.device) - block_begin_X
 
 
+class LoadError(RuntimeError):
+    """An EP rank would receive more rows than `max_recv_factor` allows; the same on every rank."""
+
+
 class Dispatcher:
     def __init__(self, num_experts: int, ep_group: Optional[ProcessGroup] = None, where: str = "moe",
-                 debug_splits: bool = False):
+                 debug_splits: bool = False, max_recv_factor: Optional[float] = None):
         self.num_experts = num_experts
         self.ep_group = ep_group if group_size(ep_group) > 1 else None
         self.ep_size = group_size(self.ep_group)
         if num_experts % self.ep_size:
             raise ValueError(f"{where}: num_experts={num_experts} is not divisible by the EP group size {self.ep_size}")
         self.num_local_experts = num_experts // self.ep_size
-        self.where, self.debug_splits = where, debug_splits
+        self.where, self.debug_splits, self.max_recv_factor = where, debug_splits, max_recv_factor
 
     # ------------------------------------------------------------------ dispatch
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing,
+                 global_routed_E: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, DispatchPlan]:
+        """`global_routed_E` (routes per expert summed over every data-parallel rank, the same on
+        all of them) lets a dropless layer refuse a load over `max_recv_factor` before moving rows."""
         x_RD, token_idx_R, weight_R, counts_E = self._dispatch_preprocess(x_TD, routing)
-        x_recv, send_splits, recv_splits, recv_counts_PL = self._dispatch_comm(x_RD, counts_E)
+        limit_E = global_routed_E if self.max_recv_factor is not None else None
+        x_recv, send_splits, recv_splits, recv_counts_PL = self._dispatch_comm(x_RD, counts_E, limit_E)
         tokens_per_local_expert = recv_counts_PL.sum(0).tolist()
         expert_major_idx_X = None
         if self.ep_size > 1 and self.num_local_experts > 1:
@@ -86,7 +94,7 @@ class Dispatcher:
         counts_E = torch.bincount(expert_R, minlength=self.num_experts)
         return x_TD[token_idx_R], token_idx_R, weight_R, counts_E
 
-    def _dispatch_comm(self, x_RD: torch.Tensor, counts_E: torch.Tensor):
+    def _dispatch_comm(self, x_RD: torch.Tensor, counts_E: torch.Tensor, global_routed_E: Optional[torch.Tensor]):
         P, L = self.ep_size, self.num_local_experts
         send_counts_PL = counts_E.view(P, L)
         if P == 1:
@@ -97,12 +105,28 @@ class Dispatcher:
         recv_counts_PL = all_to_all_counts(send_counts_PL, self.ep_group, self.where)
         if self.debug_splits:
             self._check_split_matrix(send_counts_PL, recv_counts_PL)
-        # one device-to-host copy per layer for both split lists
-        host = torch.cat([send_counts_PL.sum(1), recv_counts_PL.reshape(-1)]).cpu()
-        send_splits, recv_counts_PL = host[:P].tolist(), host[P:].view(P, L)
+        # one device-to-host copy per layer for both split lists (and the global loads, if checked)
+        parts = [send_counts_PL.sum(1), recv_counts_PL.reshape(-1)]
+        if global_routed_E is not None:
+            parts.append(global_routed_E.to(send_counts_PL.dtype))
+        host = torch.cat(parts).cpu()
+        send_splits, recv_counts_PL = host[:P].tolist(), host[P:P + P * L].view(P, L)
         recv_splits = recv_counts_PL.sum(1).tolist()
+        if global_routed_E is not None:
+            self._check_load(host[P + P * L:].view(P, L).sum(1))
         x_recv = all_to_all_rows(x_RD, send_splits, recv_splits, self.ep_group, self.where)
         return x_recv, send_splits, recv_splits, recv_counts_PL
+
+    def _check_load(self, load_P: torch.Tensor) -> None:
+        """Refuse, on every rank alike (the loads are global), a receive buffer over the limit."""
+        balanced = load_P.sum().item() / self.ep_size
+        worst = int(load_P.argmax())
+        ratio = load_P[worst].item() / max(balanced, 1e-9)
+        if ratio > self.max_recv_factor:
+            raise LoadError(f"{self.where}: EP rank {worst} would receive {ratio:.2f}x the balanced load "
+                            f"({int(load_P[worst])} of {int(load_P.sum())} routes over all data-parallel ranks, "
+                            f"moe.max_recv_factor={self.max_recv_factor}); raise it, set moe.capacity_factor, or "
+                            "balance the router")
 
     def _check_layer_shapes(self, device: torch.device) -> None:
         header = torch.tensor([self.num_experts, self.ep_size], device=device)

@@ -63,7 +63,10 @@ class MoE(nn.Module):
         layer_id: seeds the initialisation (with `init_weights(seed)`) and names the layer in errors.
         normalize_top_k, drop_policy ("position" | "probs"), score_func ("softmax" | "sigmoid"),
             route_scale, expert_bias (aux-loss-free balancing: call `router.update_expert_bias(rate)`
-            once per optimizer step), expert_impl ("auto" | "loop" | "grouped_mm"), debug_splits:
+            once per optimizer step), eval_capacity_factor (capacity in eval mode; None =
+            dropless), min_capacity, max_recv_factor (dropless: fail, naming the layer and EP rank,
+            when a rank's experts would receive more than this many times the balanced load),
+            expert_impl ("auto" | "loop" | "grouped_mm"), debug_splits:
             see the router, experts and dispatcher.
 
     forward(x, valid=None) takes x of shape [..., D] and an optional bool mask of shape [...]
@@ -88,13 +91,18 @@ class MoE(nn.Module):
         score_func: str = "softmax",
         route_scale: float = 1.0,
         expert_bias: bool = False,
+        eval_capacity_factor: Optional[float] = None,
+        min_capacity: int = 0,
+        max_recv_factor: Optional[float] = None,
     ):
         super().__init__()
         self.layer_id = layer_id
         self.where = f"moe layer {layer_id}"
-        self.router = Router(d_model, num_experts, top_k, capacity_factor, normalize_top_k, drop_policy, score_func,
-                             route_scale, expert_bias)
+        self.router = Router(d_model, num_experts, top_k, capacity_factor, normalize_top_k, drop_policy,
+                             score_func=score_func, route_scale=route_scale, expert_bias=expert_bias,
+                             eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity)
         self.experts = Experts(num_experts, d_model, d_ff, 0, expert_impl)
+        self.max_recv_factor = max_recv_factor
         self.dispatcher = Dispatcher(num_experts, None, self.where, debug_splits)
         self.stats_group: Optional[ProcessGroup] = None
         if ep_group is not None or stats_group is not None:
@@ -110,7 +118,7 @@ class MoE(nn.Module):
         if self.experts.num_local_experts != self.router.num_experts:
             raise RuntimeError(f"{self.where}: expert parallelism was already applied")
         debug = self.dispatcher.debug_splits if debug_splits is None else debug_splits
-        self.dispatcher = Dispatcher(self.router.num_experts, ep_group, self.where, debug)
+        self.dispatcher = Dispatcher(self.router.num_experts, ep_group, self.where, debug, self.max_recv_factor)
         num_local = self.dispatcher.num_local_experts
         first = group_rank(self.dispatcher.ep_group) * num_local
         self.experts = self.experts.local_slice(first, num_local)
@@ -144,7 +152,8 @@ class MoE(nn.Module):
             self.router.count_for_bias(counts.routed_E)
         if torch.is_autocast_enabled(x.device.type):  # send half-width rows, experts run in it anyway
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
-        x_XD, plan = self.dispatcher.dispatch(x_TD, routing)
+        dropless = (self.router.capacity_factor if self.training else self.router.eval_capacity_factor) is None
+        x_XD, plan = self.dispatcher.dispatch(x_TD, routing, counts.routed_E if dropless else None)
         y_XD = self.experts(x_XD, plan.tokens_per_local_expert)
         out_TD = self.dispatcher.combine(y_XD, plan)
         return MoEOutput(

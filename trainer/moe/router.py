@@ -81,10 +81,12 @@ def balance_losses(routing: Routing, global_counts: RoutingCounts, stats_ranks: 
     return aux_loss, z_loss
 
 
-def capacity(num_valid_tokens: torch.Tensor, capacity_factor: float, top_k: int, num_experts: int) -> torch.Tensor:
-    """C = ceil(cf * T * K / E), T counting valid tokens only. Stays on the device (no host sync)."""
+def capacity(num_valid_tokens: torch.Tensor, capacity_factor: float, top_k: int, num_experts: int,
+             min_capacity: int = 0) -> torch.Tensor:
+    """C = max(ceil(cf * T * K / E), min_capacity), T counting valid tokens only. Stays on the device."""
     exact = num_valid_tokens.double() * (capacity_factor * top_k / num_experts)
-    return torch.ceil(exact - 1e-9)  # the epsilon absorbs representation error like 1.1 * 10 = 11.000000000000002
+    # the epsilon absorbs representation error like 1.1 * 10 = 11.000000000000002
+    return torch.ceil(exact - 1e-9).clamp(min=min_capacity)
 
 
 def position_in_expert(expert_idx_N: torch.Tensor, priority_N: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -116,6 +118,8 @@ class Router(nn.Module):
         score_func: str = "softmax",
         route_scale: float = 1.0,
         expert_bias: bool = False,
+        eval_capacity_factor: Optional[float] = None,
+        min_capacity: int = 0,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -126,10 +130,14 @@ class Router(nn.Module):
             raise ValueError(f"drop_policy must be 'position' or 'probs', got {drop_policy!r}")
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+        if eval_capacity_factor is not None and eval_capacity_factor <= 0:
+            raise ValueError(f"eval_capacity_factor must be > 0 or None (dropless), got {eval_capacity_factor}")
+        if min_capacity < 0:
+            raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
         if not route_scale > 0:
             raise ValueError(f"route_scale must be > 0, got {route_scale}")
         self.num_experts, self.top_k = num_experts, top_k
-        self.capacity_factor = capacity_factor
+        self.capacity_factor, self.eval_capacity_factor, self.min_capacity = capacity_factor, eval_capacity_factor, min_capacity
         # softmax: k=1 keeps the raw probability (Switch) so the gate learns from the LM loss;
         # k>1 renormalises over the chosen experts (Mixtral). sigmoid: renormalise (DeepSeek-V3).
         default_normalize = top_k > 1 or score_func == "sigmoid"
@@ -168,14 +176,15 @@ class Router(nn.Module):
         routed_E = torch.bincount(bucket_N, minlength=E + 1)[:E]
 
         keep_TK = valid_TK
-        if self.capacity_factor is not None:
+        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if capacity_factor is not None:
             if self.drop_policy == "position":
                 # all first choices before any second choice; earlier tokens first within a choice
                 priority_N = torch.arange(T * K, device=x_TD.device).view(K, T).t().reshape(-1)
             else:  # "probs": the most confident routes first
                 priority_N = torch.argsort(torch.argsort(-top_p_TK.detach().reshape(-1), stable=True))
             position_TK = position_in_expert(bucket_N, priority_N, E + 1).view(T, K)
-            cap = capacity(num_valid, self.capacity_factor, K, E)
+            cap = capacity(num_valid, capacity_factor, K, E, self.min_capacity)
             keep_TK = valid_TK & (position_TK < cap)
         dropped = (valid_TK & ~keep_TK).sum()
 

@@ -57,6 +57,7 @@ def _parity_worker(rank, world_size, ep):
         (1, None, False, False, False, {}), (2, None, False, False, False, {}), (2, 100.0, False, False, False, {}),
         (1, None, True, False, False, {}), (2, None, False, True, False, {}), (2, 100.0, False, True, False, {}),
         (2, None, False, False, True, {}), (3, None, False, True, False, sigmoid),
+        (2, None, False, True, False, {"num_shared_experts": 2}),
     ]
     for top_k, capacity_factor, collapse, padded, bf16, options in scenarios:
         tol = BF16_TOL if bf16 else TOL
@@ -103,6 +104,10 @@ def _parity_worker(rank, world_size, ep):
             grad = getattr(shard.experts, name).grad
             torch.testing.assert_close(grad, getattr(ref.experts, name).grad[local], **tol,
                                        msg=lambda m: f"{what}: {name} grad {m}")
+        if shard.shared_experts is not None:  # dense: averaged over the world like any replicated weight
+            for name, p in shard.shared_experts.named_parameters():
+                torch.testing.assert_close(p.grad, getattr(ref.shared_experts, name).grad, **tol,
+                                           msg=lambda m: f"{what}: shared {name} grad {m}")
         # the input's share of the global objective is 1/W of its rank's objective
         torch.testing.assert_close(x_loc.grad / W, x_ref.grad[mine], **tol, msg=lambda m: f"{what}: input grad {m}")
         # and the clipping norm is the one-process norm, on every rank

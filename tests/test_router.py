@@ -325,3 +325,17 @@ def test_min_capacity_keeps_at_least_that_many_routes_per_expert():
     kept_E = torch.bincount(routing.expert_idx_TK[routing.keep_TK], minlength=E)
     assert kept_E.tolist() == [3, 2, 1, 0]
     assert capacity(torch.tensor(8), 0.01, 1, E, 3).item() == 3
+
+
+def test_shared_experts_add_a_swiglu_of_every_valid_token_to_the_routed_output():
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(4))
+    valid = torch.arange(10) < 7
+    routed = MoE(16, 24, 4, top_k=2, layer_id=2)
+    both = MoE(16, 24, 4, top_k=2, layer_id=2, num_shared_experts=2)
+    routed.init_weights(seed=5)
+    both.init_weights(seed=5)
+    assert both.shared_experts.w1_HD.shape == (48, 16)  # two experts of d_ff=24, fused
+    s = both.shared_experts
+    swiglu = (torch.nn.functional.silu(x @ s.w1_HD.t()) * (x @ s.w3_HD.t())) @ s.w2_DH.t()
+    torch.testing.assert_close(both(x, valid).out, routed(x, valid).out + swiglu * valid[:, None])
+    assert torch.all(both(x, valid).out[~valid] == 0)

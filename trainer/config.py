@@ -41,7 +41,8 @@ class ModelConfig:
 class MoEConfig:
     num_experts: int = 8  # 0 = dense baseline (every block a dense SwiGLU FFN)
     top_k: int = 2
-    d_ff: int = 256
+    d_ff: int = 256  # hidden size of each expert, independent of model.d_model (fine-grained experts: many small ones)
+    num_shared_experts: int = 0  # always-on SwiGLU experts of size d_ff beside the routed ones (dense, replicated)
     capacity_factor: Optional[float] = None  # null = dropless
     eval_capacity_factor: Optional[float] = None  # capacity in evaluation only; null = dropless
     min_capacity: int = 0  # each expert keeps at least this many routes per rank when capacity applies
@@ -289,6 +290,7 @@ def validate(cfg: Config, world_size: int) -> None:
              f"must be > 0 or null (dropless), got {e.capacity_factor}")
     _require(e.eval_capacity_factor is None or e.eval_capacity_factor > 0, "moe.eval_capacity_factor",
              f"must be > 0 or null (dropless), got {e.eval_capacity_factor}")
+    _require(e.num_shared_experts >= 0, "moe.num_shared_experts", f"must be >= 0, got {e.num_shared_experts}")
     _require(e.min_capacity >= 0, "moe.min_capacity", f"must be >= 0, got {e.min_capacity}")
     _require(e.max_recv_factor is None or e.max_recv_factor >= 1, "moe.max_recv_factor",
              f"must be >= 1 (1 = perfectly balanced) or null (no limit), got {e.max_recv_factor}")

@@ -105,6 +105,29 @@ class Experts(nn.Module):
                     w[local].copy_(torch.randn(w.shape[1:], generator=gen) * s)
 
 
+class SharedExperts(nn.Module):
+    """`num_shared` always-on SwiGLU experts beside the routed ones (DeepSeek-MoE), fused into one
+    SwiGLU of hidden size num_shared * d_ff. Dense: replicated on every rank, averaged over the
+    world like any dense parameter (it is not an `Experts` module)."""
+
+    def __init__(self, num_shared: int, d_model: int, d_ff: int):
+        super().__init__()
+        H = num_shared * d_ff
+        self.w1_HD = nn.Parameter(torch.empty(H, d_model))
+        self.w3_HD = nn.Parameter(torch.empty(H, d_model))
+        self.w2_DH = nn.Parameter(torch.empty(d_model, H))
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        w1, w3, w2 = (w.to(x_TD.dtype) for w in (self.w1_HD, self.w3_HD, self.w2_DH))
+        return (F.silu(x_TD @ w1.t()) * (x_TD @ w3.t())) @ w2.t()
+
+    def init_weights(self, seed: int, layer_id: int, std: float, out_std: float) -> None:
+        gen = torch.Generator().manual_seed(derived_seed(seed, layer_id, "shared experts"))
+        with torch.no_grad():
+            for w, s in ((self.w1_HD, std), (self.w3_HD, std), (self.w2_DH, out_std)):
+                w.copy_(torch.randn(w.shape, generator=gen) * s)
+
+
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters held by `Experts` modules anywhere in `model`: sharded, never averaged over the world."""
     seen: dict[int, nn.Parameter] = {}

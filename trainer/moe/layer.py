@@ -21,7 +21,7 @@ from torch.distributed import ProcessGroup
 
 from .collectives import all_reduce_sum_, group_rank, group_size
 from .dispatch import Dispatcher
-from .experts import Experts, default_init_std
+from .experts import Experts, SharedExperts, default_init_std
 from .router import Router, RoutingCounts, balance_losses
 
 
@@ -66,7 +66,7 @@ class MoE(nn.Module):
             once per optimizer step), eval_capacity_factor (capacity in eval mode; None =
             dropless), min_capacity, max_recv_factor (dropless: fail, naming the layer and EP rank,
             when a rank's experts would receive more than this many times the balanced load),
-            expert_impl ("auto" | "loop" | "grouped_mm"), debug_splits:
+            num_shared_experts (always-on SwiGLU experts beside the routed ones, dense), expert_impl ("auto" | "loop" | "grouped_mm"), debug_splits:
             see the router, experts and dispatcher.
 
     forward(x, valid=None) takes x of shape [..., D] and an optional bool mask of shape [...]
@@ -94,6 +94,7 @@ class MoE(nn.Module):
         eval_capacity_factor: Optional[float] = None,
         min_capacity: int = 0,
         max_recv_factor: Optional[float] = None,
+        num_shared_experts: int = 0,
     ):
         super().__init__()
         self.layer_id = layer_id
@@ -102,6 +103,7 @@ class MoE(nn.Module):
                              score_func=score_func, route_scale=route_scale, expert_bias=expert_bias,
                              eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity)
         self.experts = Experts(num_experts, d_model, d_ff, 0, expert_impl)
+        self.shared_experts = SharedExperts(num_shared_experts, d_model, d_ff) if num_shared_experts > 0 else None
         self.max_recv_factor = max_recv_factor
         self.dispatcher = Dispatcher(num_experts, None, self.where, debug_splits)
         self.stats_group: Optional[ProcessGroup] = None
@@ -156,6 +158,9 @@ class MoE(nn.Module):
         x_XD, plan = self.dispatcher.dispatch(x_TD, routing, counts.routed_E if dropless else None)
         y_XD = self.experts(x_XD, plan.tokens_per_local_expert)
         out_TD = self.dispatcher.combine(y_XD, plan)
+        if self.shared_experts is not None:  # every valid token, no routing; padding still gets zero
+            shared_TD = self.shared_experts(x_TD).float()
+            out_TD = out_TD + (shared_TD if valid_T is None else shared_TD * valid_T[:, None])
         return MoEOutput(
             out=out_TD.to(x.dtype).view(shape),
             aux_loss=aux_loss,
@@ -172,3 +177,5 @@ class MoE(nn.Module):
         out_std = default_out if out_std is None else out_std
         self.router.init_weights(seed, self.layer_id, std)
         self.experts.init_weights(seed, self.layer_id, std, out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(seed, self.layer_id, std, out_std)

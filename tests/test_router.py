@@ -339,3 +339,22 @@ def test_shared_experts_add_a_swiglu_of_every_valid_token_to_the_routed_output()
     swiglu = (torch.nn.functional.silu(x @ s.w1_HD.t()) * (x @ s.w3_HD.t())) @ s.w2_DH.t()
     torch.testing.assert_close(both(x, valid).out, routed(x, valid).out + swiglu * valid[:, None])
     assert torch.all(both(x, valid).out[~valid] == 0)
+
+
+def test_group_limited_routing_picks_experts_only_within_the_best_groups():
+    E, G = 8, 4  # groups {0,1} {2,3} {4,5} {6,7}
+    router = Router(E, E, 3, n_groups=G, topk_groups=2)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(E))
+    # softmax scores are proportional to exp(logit); group scores (sum of the two best):
+    # g0 = e^3 + 1 = 21.1, g1 = 2 e^2.9 = 36.3, g2 = e^3.2 + e^-5 = 24.5, g3 = 2: g1 and g2 win
+    x = torch.tensor([[3.0, 0.0, 2.9, 2.9, 3.2, -5.0, 0.0, 0.0]])
+    routing = route(router, x)
+    # expert 0 is the second best overall, but its group lost: the three come from g1 and g2
+    assert sorted(routing.expert_idx_TK[0].tolist()) == [2, 3, 4]
+    probs = torch.softmax(x @ router.weight.t(), -1)
+    chosen = probs.gather(1, routing.expert_idx_TK)
+    torch.testing.assert_close(routing.weight_TK, chosen / chosen.sum(-1, keepdim=True))
+    many = route(router, torch.randn(200, E, generator=torch.Generator().manual_seed(0)))
+    groups_per_token = [len({e // 2 for e in row}) for row in many.expert_idx_TK.tolist()]
+    assert max(groups_per_token) <= 2

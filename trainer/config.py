@@ -43,6 +43,8 @@ class MoEConfig:
     top_k: int = 2
     d_ff: int = 256  # hidden size of each expert, independent of model.d_model (fine-grained experts: many small ones)
     num_shared_experts: int = 0  # always-on SwiGLU experts of size d_ff beside the routed ones (dense, replicated)
+    n_groups: int = 1  # > 1: group-limited routing over this many contiguous expert groups (e.g. = parallel.ep)
+    topk_groups: int = 1  # with n_groups > 1: each token's experts come from its topk_groups best groups
     capacity_factor: Optional[float] = None  # null = dropless
     eval_capacity_factor: Optional[float] = None  # capacity in evaluation only; null = dropless
     min_capacity: int = 0  # each expert keeps at least this many routes per rank when capacity applies
@@ -290,6 +292,13 @@ def validate(cfg: Config, world_size: int) -> None:
              f"must be > 0 or null (dropless), got {e.capacity_factor}")
     _require(e.eval_capacity_factor is None or e.eval_capacity_factor > 0, "moe.eval_capacity_factor",
              f"must be > 0 or null (dropless), got {e.eval_capacity_factor}")
+    if e.num_experts > 0:
+        _require(e.n_groups >= 1 and e.num_experts % e.n_groups == 0, "moe.n_groups",
+                 f"must be >= 1 and divide moe.num_experts={e.num_experts}, got {e.n_groups}")
+        _require(e.n_groups == 1 or (1 <= e.topk_groups <= e.n_groups
+                                     and e.topk_groups * (e.num_experts // e.n_groups) >= e.top_k),
+                 "moe.topk_groups", f"must be in [1, moe.n_groups={e.n_groups}] and its groups must hold at least "
+                                    f"moe.top_k={e.top_k} experts, got {e.topk_groups}")
     _require(e.num_shared_experts >= 0, "moe.num_shared_experts", f"must be >= 0, got {e.num_shared_experts}")
     _require(e.min_capacity >= 0, "moe.min_capacity", f"must be >= 0, got {e.min_capacity}")
     _require(e.max_recv_factor is None or e.max_recv_factor >= 1, "moe.max_recv_factor",

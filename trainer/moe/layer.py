@@ -66,7 +66,9 @@ class MoE(nn.Module):
             once per optimizer step), eval_capacity_factor (capacity in eval mode; None =
             dropless), min_capacity, max_recv_factor (dropless: fail, naming the layer and EP rank,
             when a rank's experts would receive more than this many times the balanced load),
-            num_shared_experts (always-on SwiGLU experts beside the routed ones, dense), expert_impl ("auto" | "loop" | "grouped_mm"), debug_splits:
+            num_shared_experts (always-on SwiGLU experts beside the routed ones, dense), n_groups and
+            topk_groups (group-limited routing: each token's experts come from its topk_groups best
+            of n_groups contiguous expert groups), expert_impl ("auto" | "loop" | "grouped_mm"), debug_splits:
             see the router, experts and dispatcher.
 
     forward(x, valid=None) takes x of shape [..., D] and an optional bool mask of shape [...]
@@ -95,13 +97,16 @@ class MoE(nn.Module):
         min_capacity: int = 0,
         max_recv_factor: Optional[float] = None,
         num_shared_experts: int = 0,
+        n_groups: int = 1,
+        topk_groups: int = 1,
     ):
         super().__init__()
         self.layer_id = layer_id
         self.where = f"moe layer {layer_id}"
         self.router = Router(d_model, num_experts, top_k, capacity_factor, normalize_top_k, drop_policy,
                              score_func=score_func, route_scale=route_scale, expert_bias=expert_bias,
-                             eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity)
+                             eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
+                             n_groups=n_groups, topk_groups=topk_groups)
         self.experts = Experts(num_experts, d_model, d_ff, 0, expert_impl)
         self.shared_experts = SharedExperts(num_shared_experts, d_model, d_ff) if num_shared_experts > 0 else None
         self.max_recv_factor = max_recv_factor

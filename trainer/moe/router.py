@@ -19,6 +19,11 @@ scores. Training forwards with gradients enabled add their global counts to
 bias by `rate * sign(mean load - load)` once per optimizer step and re-centres it at zero.
 The bias is a buffer: checkpoints carry it.
 
+Group-limited routing (DeepSeek-V3). With `n_groups` > 1 the experts form `n_groups`
+contiguous groups (with n_groups = EP size, a group is an EP rank); each token first picks
+its `topk_groups` best groups, scored by the sum of their two best expert scores, and then
+its k experts within them only, so its rows go to at most `topk_groups` ranks.
+
 Layout invariance. With counts summed over every data-parallel rank, the loss one rank
 computes, averaged over ranks by the gradient sync, equals the loss one process computes on
 the whole global batch:
@@ -120,6 +125,8 @@ class Router(nn.Module):
         expert_bias: bool = False,
         eval_capacity_factor: Optional[float] = None,
         min_capacity: int = 0,
+        n_groups: int = 1,
+        topk_groups: int = 1,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -134,6 +141,11 @@ class Router(nn.Module):
             raise ValueError(f"eval_capacity_factor must be > 0 or None (dropless), got {eval_capacity_factor}")
         if min_capacity < 0:
             raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
+        if n_groups < 1 or num_experts % n_groups:
+            raise ValueError(f"n_groups={n_groups} must be >= 1 and divide num_experts={num_experts}")
+        if n_groups > 1 and not (1 <= topk_groups <= n_groups and topk_groups * (num_experts // n_groups) >= top_k):
+            raise ValueError(f"topk_groups={topk_groups} must be in [1, n_groups={n_groups}] and its groups must "
+                             f"hold at least top_k={top_k} experts")
         if not route_scale > 0:
             raise ValueError(f"route_scale must be > 0, got {route_scale}")
         self.num_experts, self.top_k = num_experts, top_k
@@ -143,6 +155,7 @@ class Router(nn.Module):
         default_normalize = top_k > 1 or score_func == "sigmoid"
         self.normalize_top_k = default_normalize if normalize_top_k is None else normalize_top_k
         self.drop_policy, self.score_func, self.route_scale = drop_policy, score_func, route_scale
+        self.n_groups, self.topk_groups = n_groups, topk_groups
         self.use_expert_bias = expert_bias  # a flag, not `bias.any()`: that would be a host sync per layer
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.register_buffer("expert_bias_E", torch.zeros(num_experts))
@@ -157,8 +170,11 @@ class Router(nn.Module):
         else:
             scores_TE = torch.sigmoid(logits_TE)
             probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)  # for the balance statistics
-        if self.use_expert_bias:  # the bias chooses, the unbiased scores weigh
-            expert_idx_TK = torch.topk(scores_TE.detach() + self.expert_bias_E, K, dim=-1).indices
+        if self.use_expert_bias or self.n_groups > 1:  # choose on adjusted scores, weigh by the plain ones
+            choice_TE = scores_TE.detach() + self.expert_bias_E if self.use_expert_bias else scores_TE.detach()
+            if self.n_groups > 1:
+                choice_TE = self._within_best_groups(choice_TE)
+            expert_idx_TK = torch.topk(choice_TE, K, dim=-1).indices
             top_p_TK = scores_TE.gather(1, expert_idx_TK)
         else:
             top_p_TK, expert_idx_TK = torch.topk(scores_TE, K, dim=-1)
@@ -198,6 +214,15 @@ class Router(nn.Module):
             local_counts=torch.cat([routed_E, dropped.view(1), num_valid.view(1)]).to(torch.int64),
             entropy_sum=(torch.special.entr(probs_TE.detach()).sum(-1) * valid_f_T).sum(),
         )
+
+    def _within_best_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        """`choice_TE` with the experts outside each token's `topk_groups` best groups set to -inf."""
+        T, E, G = choice_TE.shape[0], self.num_experts, self.n_groups
+        choice_TGS = choice_TE.view(T, G, E // G)
+        group_score_TG = choice_TGS.topk(min(2, E // G), dim=-1).values.sum(-1)
+        best_groups_TJ = group_score_TG.topk(self.topk_groups, dim=-1).indices
+        keep_TG = torch.zeros(T, G, dtype=torch.bool, device=choice_TE.device).scatter_(1, best_groups_TJ, True)
+        return choice_TGS.masked_fill(~keep_TG[:, :, None], float("-inf")).view(T, E)
 
     def count_for_bias(self, routed_E: torch.Tensor) -> None:
         """Record one training forward's global routes per expert (the MoE layer calls this)."""

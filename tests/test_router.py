@@ -269,7 +269,7 @@ def test_expert_bias_balances_a_skewed_router_without_any_aux_loss():
     late = []
     for step in range(300):
         cv = load_cv(layer(x).stats.routed_E)  # training mode, gradients on: counted
-        layer.router.update_expert_bias(0.01)
+        layer.router.finish_step(True, 0.01)
         if step >= 250:
             late.append(cv)
     # a fixed-size sign step keeps hovering around balance: judge the last 50 steps together
@@ -300,7 +300,7 @@ def test_eval_and_no_grad_forwards_do_not_move_the_expert_bias():
     with torch.no_grad():
         layer(x)
     assert int(layer.router.pending_counts_E.sum()) == 0
-    layer.router.update_expert_bias(0.1)
+    layer.router.finish_step(True, 0.1)
     assert torch.equal(layer.router.expert_bias_E, torch.zeros(8))
 
 
@@ -358,3 +358,38 @@ def test_group_limited_routing_picks_experts_only_within_the_best_groups():
     many = route(router, torch.randn(200, E, generator=torch.Generator().manual_seed(0)))
     groups_per_token = [len({e // 2 for e in row}) for row in many.expert_idx_TK.tolist()]
     assert max(groups_per_token) <= 2
+
+
+def test_sequence_scope_averages_each_sequences_own_balance_loss():
+    E, S = 4, 8
+    router = router_with_identity_gate(E, scale=50.0, aux_loss_scope="sequence")
+    balanced = [0, 1, 2, 3] * 2  # f = 1/4 each, P = 1/4 each: 1.0
+    collapsed = [0] * S  # f = [1, 0, 0, 0], P = [1, 0, 0, 0]: E = 4
+    x = one_hot_tokens(balanced + collapsed, E)
+    routing = router(x, seq_len=S)
+    counts = RoutingCounts.split(routing.local_counts)
+    assert int(counts.sequences) == 2
+    aux, _ = balance_losses(routing, counts, 1, 1, "sequence")
+    assert aux.item() == pytest.approx((1.0 + 4.0) / 2, rel=1e-5)
+    # micro_batch scope sees one pooled batch instead: f = [5/8, 1/8, 1/8, 1/8], P the same
+    pooled, _ = balance_losses(routing, counts, 1, 1, "micro_batch")
+    assert pooled.item() == pytest.approx(4 * (25 + 1 + 1 + 1) / 64, rel=1e-5)
+
+
+def test_global_batch_scope_takes_f_from_the_previous_step():
+    E = 4
+    layer = MoE(E, 8, E, top_k=1, layer_id=0, aux_loss_scope="global_batch")
+    layer.init_weights(seed=0)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(E) * 50)
+    x = one_hot_tokens([0, 0, 0, 1], E)
+    first = layer(x)
+    assert first.aux_loss.item() == pytest.approx(1.0, abs=1e-6)  # no previous step: uniform f
+    layer.router.finish_step(applied=True)
+    assert layer.router.prev_counts_E.tolist() == [3, 1, 0, 0]
+    second = layer(one_hot_tokens([2, 3, 2, 3], E))
+    # f = [3/4, 1/4, 0, 0] from the previous step, P = [0, 0, 1/2, 1/2] now: no overlap
+    assert second.aux_loss.item() == pytest.approx(0.0, abs=1e-6)
+    layer.router.pending_counts_E.zero_()
+    layer.router.finish_step(applied=False)  # a skipped step keeps the previous counts
+    assert layer.router.prev_counts_E.tolist() == [3, 1, 0, 0]

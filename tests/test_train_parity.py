@@ -78,3 +78,28 @@ def test_expert_bias_balancing_is_the_same_on_every_layout(tmp_path):
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     without = train_run(tmp_path, "no-bias", 1, 1, ["moe.aux_loss_coef=0", "train.steps=6"])
     assert without[-1]["expert_counts"] != one[-1]["expert_counts"]  # the bias did change the routing
+
+
+@pytest.mark.parametrize("scope", ["global_batch", "sequence"])
+def test_balance_scope_is_the_same_objective_for_any_world_size_and_accumulation(tmp_path, scope):
+    """(2 processes, 1 micro-batch) == (1 process, 2 micro-batches) == (1 process, 1 micro-batch)."""
+    strong_aux = ["moe.aux_loss_coef=0.5", "train.steps=5", f"moe.aux_loss_scope={scope}"]
+    runs = {"w2 a1": train_run(tmp_path, f"{scope}-w2", 2, 2, strong_aux),
+            "w1 a2": train_run(tmp_path, f"{scope}-a2", 1, 1, [*strong_aux, "train.grad_accum=2"])}
+    reference = train_run(tmp_path, f"{scope}-w1", 1, 1, strong_aux)
+    if scope == "global_batch":  # no previous step: f is uniform, the aux loss exactly 1
+        assert reference[0]["aux_loss"] == pytest.approx(1.0, abs=1e-6)
+    assert len({round(m["aux_loss"], 4) for m in reference}) > 1  # and it is not constant
+    for name, metrics in runs.items():
+        for ref, got in zip(reference, metrics):
+            for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm"):
+                assert got[key] == pytest.approx(ref[key], rel=1e-5), f"{scope} {name} step {ref['step']} {key}"
+
+
+def test_micro_batch_scope_differs_with_accumulation_where_it_must(tmp_path):
+    strong_aux = ["moe.aux_loss_coef=0.5", "train.steps=2", "moe.aux_loss_scope=micro_batch"]
+    whole = train_run(tmp_path, "mb-whole", 1, 1, strong_aux)
+    halves = train_run(tmp_path, "mb-halves", 1, 1, [*strong_aux, "train.grad_accum=2"])
+    # f from each half-batch's own counts is not f of the whole batch
+    assert halves[0]["aux_loss"] != pytest.approx(whole[0]["aux_loss"], rel=1e-5)
+    assert halves[0]["lm_loss"] == pytest.approx(whole[0]["lm_loss"], rel=1e-5)

@@ -50,6 +50,7 @@ class MoEConfig:
     min_capacity: int = 0  # each expert keeps at least this many routes per rank when capacity applies
     max_recv_factor: Optional[float] = None  # dropless: fail when an EP rank would receive more than this x the balanced load
     aux_loss_coef: float = 0.01
+    aux_loss_scope: str = "micro_batch"  # micro_batch | global_batch | sequence: what f and P of the aux loss cover
     z_loss_coef: float = 0.001
     normalize_top_k: Optional[bool] = None  # null = renormalise over the k chosen when k > 1 (always for sigmoid)
     score_func: str = "softmax"  # softmax | sigmoid (DeepSeek-V3: independent scores, renormalised over the k)
@@ -303,6 +304,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _require(e.min_capacity >= 0, "moe.min_capacity", f"must be >= 0, got {e.min_capacity}")
     _require(e.max_recv_factor is None or e.max_recv_factor >= 1, "moe.max_recv_factor",
              f"must be >= 1 (1 = perfectly balanced) or null (no limit), got {e.max_recv_factor}")
+    _choice(e.aux_loss_scope, "moe.aux_loss_scope", ("micro_batch", "global_batch", "sequence"))
     _require(e.aux_loss_coef >= 0, "moe.aux_loss_coef", f"must be >= 0, got {e.aux_loss_coef}")
     _require(e.z_loss_coef >= 0, "moe.z_loss_coef", f"must be >= 0, got {e.z_loss_coef}")
     _choice(e.drop_policy, "moe.drop_policy", ("position", "probs"))

@@ -105,7 +105,7 @@ class Transformer(nn.Module):
                           expert_bias=moe_cfg.expert_bias_rate > 0, eval_capacity_factor=moe_cfg.eval_capacity_factor,
                           min_capacity=moe_cfg.min_capacity, max_recv_factor=moe_cfg.max_recv_factor,
                           num_shared_experts=moe_cfg.num_shared_experts, n_groups=moe_cfg.n_groups,
-                          topk_groups=moe_cfg.topk_groups)
+                          topk_groups=moe_cfg.topk_groups, aux_loss_scope=moe_cfg.aux_loss_scope)
             else:
                 ffn = DenseFFN(cfg.d_model, cfg.dense_d_ff or moe_cfg.d_ff)
             blocks.append(Block(cfg, ffn))

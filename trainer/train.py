@@ -149,12 +149,9 @@ def train_step(tr: Trainer, inputs: torch.Tensor, targets: torch.Tensor, lr: flo
             group["lr"] = lr
         tr.optimizer.step()
     tr.optimizer.zero_grad(set_to_none=True)
-    if cfg.moe.expert_bias_rate > 0:  # once per optimizer step, from the step's global counts
-        for layer in tr.model.moe_layers:
-            if applied:
-                layer.router.update_expert_bias(cfg.moe.expert_bias_rate)
-            else:
-                layer.router.pending_counts_E.zero_()
+    for layer in tr.model.moe_layers:  # once per optimizer step: expert bias, global-batch balance counts
+        if layer.router.counts_steps:
+            layer.router.finish_step(applied, cfg.moe.expert_bias_rate)
     return StepResult(losses, norm, routing, applied, stop, routed_LE, entropy_host_L if routed_LE is not None else None)
 
 

@@ -62,8 +62,9 @@ class MoE(nn.Module):
             global-batch one; use every data-parallel rank. Defaults to `ep_group`.
         layer_id: seeds the initialisation (with `init_weights(seed)`) and names the layer in errors.
         normalize_top_k, drop_policy ("position" | "probs"), score_func ("softmax" | "sigmoid"),
-            route_scale, expert_bias (aux-loss-free balancing: call `router.update_expert_bias(rate)`
-            once per optimizer step), eval_capacity_factor (capacity in eval mode; None =
+            route_scale, expert_bias (aux-loss-free balancing), aux_loss_scope ("micro_batch" |
+            "global_batch" | "sequence"; with expert_bias or global_batch call
+            `router.finish_step(applied, bias_rate)` once per optimizer step), eval_capacity_factor (capacity in eval mode; None =
             dropless), min_capacity, max_recv_factor (dropless: fail, naming the layer and EP rank,
             when a rank's experts would receive more than this many times the balanced load),
             num_shared_experts (always-on SwiGLU experts beside the routed ones, dense), n_groups and
@@ -99,6 +100,7 @@ class MoE(nn.Module):
         num_shared_experts: int = 0,
         n_groups: int = 1,
         topk_groups: int = 1,
+        aux_loss_scope: str = "micro_batch",
     ):
         super().__init__()
         self.layer_id = layer_id
@@ -106,7 +108,7 @@ class MoE(nn.Module):
         self.router = Router(d_model, num_experts, top_k, capacity_factor, normalize_top_k, drop_policy,
                              score_func=score_func, route_scale=route_scale, expert_bias=expert_bias,
                              eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
-                             n_groups=n_groups, topk_groups=topk_groups)
+                             n_groups=n_groups, topk_groups=topk_groups, aux_loss_scope=aux_loss_scope)
         self.experts = Experts(num_experts, d_model, d_ff, 0, expert_impl)
         self.shared_experts = SharedExperts(num_shared_experts, d_model, d_ff) if num_shared_experts > 0 else None
         self.max_recv_factor = max_recv_factor
@@ -150,13 +152,14 @@ class MoE(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         valid_T = None if valid is None else valid.reshape(-1)
-        routing = self.router(x_TD, valid_T)
+        routing = self.router(x_TD, valid_T, seq_len=shape[-2] if len(shape) >= 3 else None)
         # the layer's one reduction: routing counts over every rank whose loss the sync averages
         counts = RoutingCounts.split(all_reduce_sum_(
             routing.local_counts, self.stats_group, self.where, "all_reduce of routing statistics"))
-        aux_loss, z_loss = balance_losses(routing, counts, group_size(self.stats_group), self.router.top_k)
-        if self.router.use_expert_bias and self.training and torch.is_grad_enabled():  # only training forwards count
-            self.router.count_for_bias(counts.routed_E)
+        aux_loss, z_loss = balance_losses(routing, counts, group_size(self.stats_group), self.router.top_k,
+                                          self.router.aux_loss_scope, self.router.prev_counts_E)
+        if self.router.counts_steps and self.training and torch.is_grad_enabled():  # only training forwards count
+            self.router.count_step(counts.routed_E)
         if torch.is_autocast_enabled(x.device.type):  # send half-width rows, experts run in it anyway
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         dropless = (self.router.capacity_factor if self.training else self.router.eval_capacity_factor) is None

@@ -24,6 +24,19 @@ contiguous groups (with n_groups = EP size, a group is an EP rank); each token f
 its `topk_groups` best groups, scored by the sum of their two best expert scores, and then
 its k experts within them only, so its rows go to at most `topk_groups` ranks.
 
+Balance scope (`aux_loss_scope`), all in the Switch form E * sum_i f_i * P_i (1.0 when
+balanced), with P_i the mean normalised score of expert i:
+  * `micro_batch`: f from this forward's routes summed over every data-parallel rank
+    (Megatron's). The objective depends on how the step is cut into micro-batches.
+  * `global_batch`: f from the PREVIOUS optimizer step's routes over all its micro-batches
+    and ranks (`prev_counts_E`, a checkpointed buffer). f carries no gradient, so taking it
+    one step late changes nothing in how the loss is differentiated, and it is the only
+    choice known before the step's first backward: the objective is then identical for any
+    world size and any gradient accumulation. The first step has no previous counts: f is
+    uniform, the aux loss is exactly 1 and gives no gradient.
+  * `sequence` (DeepSeek-V3): f and P per sequence, the loss averaged over every sequence
+    of the global batch.
+
 Layout invariance. With counts summed over every data-parallel rank, the loss one rank
 computes, averaged over ranks by the gradient sync, equals the loss one process computes on
 the whole global batch:
@@ -55,8 +68,9 @@ class Routing:
     keep_TK: torch.Tensor  # bool, route is dispatched (valid token and within capacity)
     prob_sum_E: torch.Tensor  # fp32, per-token normalised scores summed over valid local tokens (differentiable)
     z_sum: torch.Tensor  # fp32 scalar, logsumexp(logits)^2 summed over valid local tokens (differentiable)
-    local_counts: torch.Tensor  # int64 [E + 2]: routes per expert before drops, dropped routes, valid tokens
+    local_counts: torch.Tensor  # int64 [E + 3]: routes per expert before drops, dropped routes, valid tokens, sequences
     entropy_sum: Optional[torch.Tensor] = None  # fp32 scalar, routing-distribution entropy summed over valid local tokens (detached)
+    seq_aux_sum: Optional[torch.Tensor] = None  # fp32 scalar, per-sequence aux losses summed over local sequences (sequence scope)
 
 
 @dataclass
@@ -66,24 +80,53 @@ class RoutingCounts:
     routed_E: torch.Tensor  # int64, routes per expert before capacity drops
     dropped: torch.Tensor  # int64 scalar, routes dropped by capacity
     valid_tokens: torch.Tensor  # int64 scalar
+    sequences: torch.Tensor  # int64 scalar, sequences with at least one valid token
 
     @staticmethod
     def split(counts: torch.Tensor) -> "RoutingCounts":
-        return RoutingCounts(counts[:-2], counts[-2], counts[-1])
+        return RoutingCounts(counts[:-3], counts[-3], counts[-2], counts[-1])
 
 
-def balance_losses(routing: Routing, global_counts: RoutingCounts, stats_ranks: int, top_k: int):
+AUX_SCOPES = ("micro_batch", "global_batch", "sequence")
+
+
+def balance_losses(routing: Routing, global_counts: RoutingCounts, stats_ranks: int, top_k: int,
+                   scope: str = "micro_batch", prev_counts_E: Optional[torch.Tensor] = None):
     """This rank's shares of the aux loss E * sum_i f_i * P_i and of the z-loss mean(lse^2).
 
-    `global_counts` are summed over the `stats_ranks` ranks whose mean the gradient sync takes.
+    `global_counts` are summed over the `stats_ranks` ranks whose mean the gradient sync takes;
+    `prev_counts_E` are the previous optimizer step's routes (scope `global_batch`).
     """
     E = routing.prob_sum_E.shape[0]
     valid_global = global_counts.valid_tokens.clamp(min=1).double()
     share = (stats_ranks / valid_global).float()
-    f_E = (global_counts.routed_E.double() / (valid_global * top_k)).float()
-    aux_loss = E * (f_E * routing.prob_sum_E).sum() * share
     z_loss = routing.z_sum * share
+    if scope == "sequence":
+        return routing.seq_aux_sum * (stats_ranks / global_counts.sequences.clamp(min=1).double()).float(), z_loss
+    if scope == "global_batch":
+        total = prev_counts_E.sum()
+        f_E = torch.where(total > 0, prev_counts_E.double() / total.clamp(min=1), torch.full_like(
+            prev_counts_E, 1.0 / E, dtype=torch.float64)).float()
+    else:
+        f_E = (global_counts.routed_E.double() / (valid_global * top_k)).float()
+    aux_loss = E * (f_E * routing.prob_sum_E).sum() * share
     return aux_loss, z_loss
+
+
+def sequence_aux_sum(probs_TE: torch.Tensor, bucket_N: torch.Tensor, valid_T: torch.Tensor, seq_len: int,
+                     top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over local sequences of E * sum_i f_si * P_si, number of sequences with a valid token).
+    f_si: share of sequence s's routes that chose expert i; P_si: its mean normalised score."""
+    T, E = probs_TE.shape
+    n_seq = T // seq_len
+    seq_of_N = torch.arange(T, device=probs_TE.device).repeat_interleave(top_k) // seq_len
+    counts_sE = torch.zeros(n_seq, E + 1, device=probs_TE.device).index_put_(
+        (seq_of_N, bucket_N), torch.ones_like(bucket_N, dtype=torch.float32), accumulate=True)[:, :E]
+    valid_s = valid_T.view(n_seq, seq_len).sum(1).float()
+    prob_sum_sE = (probs_TE * valid_T.float()[:, None]).view(n_seq, seq_len, E).sum(1)
+    per_seq = E * (counts_sE / (top_k * valid_s.clamp(min=1))[:, None]
+                   * prob_sum_sE / valid_s.clamp(min=1)[:, None]).sum(1)
+    return per_seq.sum(), (valid_s > 0).sum()
 
 
 def capacity(num_valid_tokens: torch.Tensor, capacity_factor: float, top_k: int, num_experts: int,
@@ -127,6 +170,7 @@ class Router(nn.Module):
         min_capacity: int = 0,
         n_groups: int = 1,
         topk_groups: int = 1,
+        aux_loss_scope: str = "micro_batch",
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -141,6 +185,8 @@ class Router(nn.Module):
             raise ValueError(f"eval_capacity_factor must be > 0 or None (dropless), got {eval_capacity_factor}")
         if min_capacity < 0:
             raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
+        if aux_loss_scope not in AUX_SCOPES:
+            raise ValueError(f"aux_loss_scope must be one of {AUX_SCOPES}, got {aux_loss_scope!r}")
         if n_groups < 1 or num_experts % n_groups:
             raise ValueError(f"n_groups={n_groups} must be >= 1 and divide num_experts={num_experts}")
         if n_groups > 1 and not (1 <= topk_groups <= n_groups and topk_groups * (num_experts // n_groups) >= top_k):
@@ -155,13 +201,23 @@ class Router(nn.Module):
         default_normalize = top_k > 1 or score_func == "sigmoid"
         self.normalize_top_k = default_normalize if normalize_top_k is None else normalize_top_k
         self.drop_policy, self.score_func, self.route_scale = drop_policy, score_func, route_scale
-        self.n_groups, self.topk_groups = n_groups, topk_groups
+        self.n_groups, self.topk_groups, self.aux_loss_scope = n_groups, topk_groups, aux_loss_scope
         self.use_expert_bias = expert_bias  # a flag, not `bias.any()`: that would be a host sync per layer
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.register_buffer("expert_bias_E", torch.zeros(num_experts))
+        # routes of this optimizer step's training forwards (global), and of the previous step
         self.register_buffer("pending_counts_E", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+        self.register_buffer("prev_counts_E", torch.zeros(num_experts, dtype=torch.int64))
 
-    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> Routing:
+    @property
+    def counts_steps(self) -> bool:
+        """Whether training forwards must record their counts for `finish_step`."""
+        return self.use_expert_bias or self.aux_loss_scope == "global_batch"
+
+    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
+                seq_len: Optional[int] = None) -> Routing:
+        """`seq_len`: tokens per sequence (x_TD holds whole sequences back to back); the sequence
+        balance scope needs it, default: all of x_TD is one sequence."""
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
@@ -205,14 +261,18 @@ class Router(nn.Module):
         dropped = (valid_TK & ~keep_TK).sum()
 
         valid_f_T = valid_T.float()
+        seq_aux, n_seq = None, (num_valid > 0).long()
+        if self.aux_loss_scope == "sequence":
+            seq_aux, n_seq = sequence_aux_sum(probs_TE, bucket_N, valid_T, seq_len or T, K)
         return Routing(
             expert_idx_TK=expert_idx_TK,
             weight_TK=weight_TK,
             keep_TK=keep_TK,
             prob_sum_E=(probs_TE * valid_f_T[:, None]).sum(0),
             z_sum=(torch.logsumexp(logits_TE, dim=-1).square() * valid_f_T).sum(),
-            local_counts=torch.cat([routed_E, dropped.view(1), num_valid.view(1)]).to(torch.int64),
+            local_counts=torch.cat([routed_E, dropped.view(1), num_valid.view(1), n_seq.view(1)]).to(torch.int64),
             entropy_sum=(torch.special.entr(probs_TE.detach()).sum(-1) * valid_f_T).sum(),
+            seq_aux_sum=seq_aux,
         )
 
     def _within_best_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
@@ -224,18 +284,28 @@ class Router(nn.Module):
         keep_TG = torch.zeros(T, G, dtype=torch.bool, device=choice_TE.device).scatter_(1, best_groups_TJ, True)
         return choice_TGS.masked_fill(~keep_TG[:, :, None], float("-inf")).view(T, E)
 
-    def count_for_bias(self, routed_E: torch.Tensor) -> None:
+    def count_step(self, routed_E: torch.Tensor) -> None:
         """Record one training forward's global routes per expert (the MoE layer calls this)."""
         self.pending_counts_E += routed_E.to(self.pending_counts_E.dtype)
 
     @torch.no_grad()
-    def update_expert_bias(self, rate: float) -> None:
-        """Once per optimizer step: bias += rate * sign(mean load - load), then centred at zero."""
-        load_E = self.pending_counts_E.double()
-        if load_E.sum() > 0:
-            self.expert_bias_E += rate * torch.sign(load_E.mean() - load_E).to(self.expert_bias_E.dtype)
-            self.expert_bias_E -= self.expert_bias_E.mean()
+    def finish_step(self, applied: bool, bias_rate: float = 0.0) -> None:
+        """Once per optimizer step: the step's counts become `prev_counts_E` (global_batch scope)
+        and move the expert bias; a step that was not applied is forgotten."""
+        if applied:  # no host sync: a step with no counts changes nothing by construction
+            if self.use_expert_bias and bias_rate > 0:
+                self.update_expert_bias(bias_rate)
+            if self.aux_loss_scope == "global_batch":
+                counted = self.pending_counts_E.sum() > 0
+                self.prev_counts_E.copy_(torch.where(counted, self.pending_counts_E, self.prev_counts_E))
         self.pending_counts_E.zero_()
+
+    @torch.no_grad()
+    def update_expert_bias(self, rate: float) -> None:
+        """bias += rate * sign(mean load - load) from the pending counts, then centred at zero."""
+        load_E = self.pending_counts_E.double()  # all zero (nothing counted): sign 0, no change
+        self.expert_bias_E += rate * torch.sign(load_E.mean() - load_E).to(self.expert_bias_E.dtype)
+        self.expert_bias_E -= self.expert_bias_E.mean()
 
     def init_weights(self, seed: int, layer_id: int, std: float) -> None:
         gen = torch.Generator().manual_seed(derived_seed(seed, layer_id, "router"))
@@ -243,3 +313,4 @@ class Router(nn.Module):
             self.weight.copy_(torch.randn(self.weight.shape, generator=gen) * std)
             self.expert_bias_E.zero_()
             self.pending_counts_E.zero_()
+            self.prev_counts_E.zero_()

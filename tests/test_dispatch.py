@@ -164,3 +164,40 @@ def _overload_worker(rank, world_size):
 
 def test_a_receive_buffer_over_max_recv_factor_fails_on_every_rank_alike():
     run_processes(_overload_worker, 2)
+
+
+def _uneven_worker(rank, world_size):
+    from trainer.config import ModelConfig, MoEConfig
+    from trainer.model import Transformer
+    from trainer.moe import MoE, all_finished
+
+    # a layer with every expert on one process is the reference for each real call
+    reference = MoE(D, 16, 4, top_k=2, layer_id=2, capacity_factor=1.5)
+    reference.init_weights(0)
+    layer = MoE(D, 16, 4, top_k=2, ep_group=dist.group.WORLD, layer_id=2, capacity_factor=1.5)
+    layer.init_weights(0)
+    gen = torch.Generator().manual_seed(rank)
+    batches = [torch.randn(5, D, generator=gen) for _ in range(2 if rank == 0 else 5)]  # uneven work
+    done, calls = 0, 0
+    while not all_finished(done == len(batches), dist.group.WORLD):
+        calls += 1
+        if done == len(batches):
+            assert layer(torch.empty(0, D)).out.shape == (0, D)  # joins the collectives, adds nothing
+            continue
+        got = layer(batches[done]).out
+        torch.testing.assert_close(got, reference(batches[done]).out, rtol=1e-5, atol=1e-6)
+        done += 1
+    assert calls == 5  # every rank made as many calls as the busiest one
+
+    # a whole model takes an empty batch too
+    cfg, moe_cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, seq_len=8), MoEConfig(num_experts=4, d_ff=16)
+    model = Transformer(cfg, moe_cfg)
+    model.init_weights(0)
+    for moe in model.moe_layers:
+        moe.apply_expert_parallel(dist.group.WORLD)
+    tokens = torch.zeros((0 if rank == 1 else 2, 8), dtype=torch.long)
+    assert model(tokens).logits.shape == (tokens.shape[0], 8, 256)
+
+
+def test_ranks_with_zero_tokens_and_different_numbers_of_calls_complete():
+    run_processes(_uneven_worker, 2, timeout_s=60.0)

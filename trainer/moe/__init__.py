@@ -3,7 +3,8 @@
 from .collectives import CollectiveError
 from .dispatch import LoadError
 from .experts import Experts, expert_parameters
+from .join import all_finished
 from .layer import MoE, MoEOutput, MoEStats
 from .router import Router, Routing
 
-__all__ = ["CollectiveError", "LoadError", "Experts", "MoE", "MoEOutput", "MoEStats", "Router", "Routing", "expert_parameters"]
+__all__ = ["CollectiveError", "LoadError", "Experts", "MoE", "MoEOutput", "MoEStats", "Router", "Routing", "all_finished", "expert_parameters"]

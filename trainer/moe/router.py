@@ -118,6 +118,9 @@ def sequence_aux_sum(probs_TE: torch.Tensor, bucket_N: torch.Tensor, valid_T: to
     """(sum over local sequences of E * sum_i f_si * P_si, number of sequences with a valid token).
     f_si: share of sequence s's routes that chose expert i; P_si: its mean normalised score."""
     T, E = probs_TE.shape
+    if T == 0:  # a rank with no tokens this call (uneven inputs): nothing to add
+        zero = probs_TE.sum()
+        return zero, zero.detach().long()
     n_seq = T // seq_len
     seq_of_N = torch.arange(T, device=probs_TE.device).repeat_interleave(top_k) // seq_len
     counts_sE = torch.zeros(n_seq, E + 1, device=probs_TE.device).index_put_(

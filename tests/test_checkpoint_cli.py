@@ -118,8 +118,9 @@ def test_eval_refuses_model_overrides_and_evaluates_another_corpus(capsys, train
     assert line["step"] == 4 and str(other) in line["data"]
 
 
-def test_the_expert_bias_travels_in_the_checkpoint(capsys, tmp_path, corpus):
-    bias = ["moe.expert_bias_rate=0.05", "moe.aux_loss_coef=0", "train.steps=6"]
+def test_the_expert_bias_balance_counts_and_noise_step_travel_in_the_checkpoint(capsys, tmp_path, corpus):
+    bias = ["moe.expert_bias_rate=0.05", "moe.aux_loss_coef=0", "train.steps=6", "moe.aux_loss_scope=global_batch",
+            "moe.router_jitter=0.1", "moe.noisy_topk=true"]  # every buffer that steps carry
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert cli(capsys, "train", TINY, *SMALL, *files_data(corpus), *bias, f"run.dir={straight}")[0] == 0
     assert cli(capsys, "train", TINY, *SMALL, *files_data(corpus), *bias, "train.stop_at=3",

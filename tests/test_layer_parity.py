@@ -59,6 +59,7 @@ def _parity_worker(rank, world_size, ep):
         (2, None, False, False, True, {}), (3, None, False, True, False, sigmoid),
         (2, None, False, True, False, {"num_shared_experts": 2}),
         (3, None, False, True, False, {"n_groups": 4, "topk_groups": 2, "expert_bias": True}),
+        (2, None, False, False, False, {"router_jitter": 0.2, "noisy_topk": True}),
     ]
     for top_k, capacity_factor, collapse, padded, bf16, options in scenarios:
         tol = BF16_TOL if bf16 else TOL

@@ -393,3 +393,25 @@ def test_global_batch_scope_takes_f_from_the_previous_step():
     layer.router.pending_counts_E.zero_()
     layer.router.finish_step(applied=False)  # a skipped step keeps the previous counts
     assert layer.router.prev_counts_E.tolist() == [3, 1, 0, 0]
+
+
+def test_router_noise_is_training_only_keyed_by_token_place_and_step():
+    E, D = 8, 16
+    x = torch.randn(12, D, generator=torch.Generator().manual_seed(6))
+    plain = Router(D, E, 2)
+    noisy = Router(D, E, 2, router_jitter=0.2, noisy_topk=True)
+    plain.init_weights(seed=1, layer_id=0, std=0.3)
+    noisy.init_weights(seed=1, layer_id=0, std=0.3)
+    noisy.eval()
+    torch.testing.assert_close(noisy(x).weight_TK, plain(x).weight_TK)  # eval: no noise
+    noisy.train()
+    a = noisy(x)
+    assert not torch.allclose(a.prob_sum_E, plain(x).prob_sum_E)
+    torch.testing.assert_close(noisy(x).prob_sum_E, a.prob_sum_E)  # same step, same places: same noise
+    # the noise of a token depends on its place in the step, not on how the batch is cut
+    tail = noisy(x[5:], token_offset=5)
+    torch.testing.assert_close(tail.prob_sum_E, noisy(x).prob_sum_E - noisy(x[:5]).prob_sum_E, rtol=1e-5, atol=1e-5)
+    noisy.finish_step(applied=True)
+    assert not torch.allclose(noisy(x).prob_sum_E, a.prob_sum_E)  # a new step draws new noise
+    (noisy(x).prob_sum_E ** 2).sum().backward()
+    assert noisy.noise_weight.grad is not None and noisy.noise_weight.grad.abs().sum() > 0  # W_noise learns

@@ -80,11 +80,13 @@ def test_expert_bias_balancing_is_the_same_on_every_layout(tmp_path):
     assert without[-1]["expert_counts"] != one[-1]["expert_counts"]  # the bias did change the routing
 
 
-@pytest.mark.parametrize("scope", ["global_batch", "sequence"])
-def test_balance_scope_is_the_same_objective_for_any_world_size_and_accumulation(tmp_path, scope):
+@pytest.mark.parametrize("scope,extra", [("global_batch", []), ("sequence", []),
+                                         ("global_batch", ["moe.router_jitter=0.2", "moe.noisy_topk=true"])],
+                         ids=["global_batch", "sequence", "global_batch+noise"])
+def test_balance_scope_is_the_same_objective_for_any_world_size_and_accumulation(tmp_path, scope, extra):
     """(2 processes, 1 micro-batch) == (1 process, 2 micro-batches) == (4 processes ep=4, 2 micro-batches)
     == (1 process, 1 micro-batch)."""
-    strong_aux = ["moe.aux_loss_coef=0.5", "train.steps=5", f"moe.aux_loss_scope={scope}"]
+    strong_aux = ["moe.aux_loss_coef=0.5", "train.steps=5", f"moe.aux_loss_scope={scope}", *extra]
     runs = {"w2 a1": train_run(tmp_path, f"{scope}-w2", 2, 2, strong_aux),
             "w1 a2": train_run(tmp_path, f"{scope}-a2", 1, 1, [*strong_aux, "train.grad_accum=2"]),
             "w4 ep4 a2": train_run(tmp_path, f"{scope}-w4", 4, 4, [*strong_aux, "train.grad_accum=2"])}

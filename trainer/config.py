@@ -55,6 +55,8 @@ class MoEConfig:
     normalize_top_k: Optional[bool] = None  # null = renormalise over the k chosen when k > 1 (always for sigmoid)
     score_func: str = "softmax"  # softmax | sigmoid (DeepSeek-V3: independent scores, renormalised over the k)
     route_scale: float = 1.0  # multiplies the combine weights
+    router_jitter: float = 0.0  # training: multiply the router input by U(1-eps, 1+eps) per element (Switch)
+    noisy_topk: bool = False  # training: add N(0,1) * softplus(x W_noise) to the logits (Shazeer 2017)
     expert_bias_rate: float = 0.0  # > 0: aux-loss-free balancing (DeepSeek-V3 expert bias), bias step per optimizer step
     drop_policy: str = "position"  # position | probs: which routes keep their capacity slot
     expert_impl: str = "auto"  # auto | loop | grouped_mm
@@ -310,6 +312,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _choice(e.drop_policy, "moe.drop_policy", ("position", "probs"))
     _choice(e.score_func, "moe.score_func", ("softmax", "sigmoid"))
     _require(e.route_scale > 0, "moe.route_scale", f"must be > 0, got {e.route_scale}")
+    _require(0 <= e.router_jitter < 1, "moe.router_jitter", f"must be in [0, 1), got {e.router_jitter}")
     _require(e.expert_bias_rate >= 0, "moe.expert_bias_rate", f"must be >= 0 (0 = off), got {e.expert_bias_rate}")
     _choice(e.expert_impl, "moe.expert_impl", ("auto", "loop", "grouped_mm"))
 

@@ -71,11 +71,11 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x_BSD, cos_SHd, sin_SHd, valid_BS):
+    def forward(self, x_BSD, cos_SHd, sin_SHd, valid_BS, token_offset=None):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SHd, sin_SHd)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
-            moe_out = self.ffn(h_BSD, valid_BS)
+            moe_out = self.ffn(h_BSD, valid_BS, token_offset)
             return x_BSD + moe_out.out, moe_out
         return x_BSD + self.ffn(h_BSD), None
 
@@ -105,7 +105,8 @@ class Transformer(nn.Module):
                           expert_bias=moe_cfg.expert_bias_rate > 0, eval_capacity_factor=moe_cfg.eval_capacity_factor,
                           min_capacity=moe_cfg.min_capacity, max_recv_factor=moe_cfg.max_recv_factor,
                           num_shared_experts=moe_cfg.num_shared_experts, n_groups=moe_cfg.n_groups,
-                          topk_groups=moe_cfg.topk_groups, aux_loss_scope=moe_cfg.aux_loss_scope)
+                          topk_groups=moe_cfg.topk_groups, aux_loss_scope=moe_cfg.aux_loss_scope,
+                          router_jitter=moe_cfg.router_jitter, noisy_topk=moe_cfg.noisy_topk)
             else:
                 ffn = DenseFFN(cfg.d_model, cfg.dense_d_ff or moe_cfg.d_ff)
             blocks.append(Block(cfg, ffn))
@@ -129,12 +130,15 @@ class Transformer(nn.Module):
         targets_BS: Optional[torch.Tensor] = None,
         valid_BS: Optional[torch.Tensor] = None,
         lm_tokens: Optional[float] = None,
+        token_offset: Optional[int] = None,
     ) -> ModelOutput:
         """`targets_BS` of -100 are ignored by the LM loss; `valid_BS` False marks padding for routing.
 
         The LM loss is the summed cross-entropy divided by `lm_tokens`, by default this call's
         number of scored targets (a plain mean). The trainer passes the global batch's scored
         targets per rank and micro-batch, so every token weighs the same whichever rank holds it.
+        `token_offset` is the index of this call's first token in the optimizer step's global
+        batch; it keys the routers' training noise (see `trainer.moe.router`).
         """
         S = idx_BS.shape[1]
         if S > self.cfg.seq_len:
@@ -143,7 +147,7 @@ class Transformer(nn.Module):
         aux_sum = z_sum = torch.zeros((), device=idx_BS.device)
         stats = []
         for block in self.blocks:
-            x_BSD, moe_out = block(x_BSD, self.cos_SHd, self.sin_SHd, valid_BS)
+            x_BSD, moe_out = block(x_BSD, self.cos_SHd, self.sin_SHd, valid_BS, token_offset)
             if moe_out is not None:
                 aux_sum, z_sum = aux_sum + moe_out.aux_loss, z_sum + moe_out.z_loss
                 stats.append(moe_out.stats)

@@ -123,7 +123,10 @@ def train_step(tr: Trainer, inputs: torch.Tensor, targets: torch.Tensor, lr: flo
     for m in range(A):
         rows = slice(m * micro, (m + 1) * micro)
         with autocast_context(cfg, device):
-            out = tr.model(inputs[rows].to(device), targets[rows].to(device), lm_tokens=lm_tokens)
+            # the data is rank-major: this micro-batch's first row is global row rank*rows + m*micro
+            first_token = (layout.rank * inputs.shape[0] + m * micro) * inputs.shape[1]
+            out = tr.model(inputs[rows].to(device), targets[rows].to(device), lm_tokens=lm_tokens,
+                           token_offset=first_token)
         (out.loss / A).backward()
         stats.add(out, A)
 

@@ -63,8 +63,9 @@ class MoE(nn.Module):
         layer_id: seeds the initialisation (with `init_weights(seed)`) and names the layer in errors.
         normalize_top_k, drop_policy ("position" | "probs"), score_func ("softmax" | "sigmoid"),
             route_scale, expert_bias (aux-loss-free balancing), aux_loss_scope ("micro_batch" |
-            "global_batch" | "sequence"; with expert_bias or global_batch call
-            `router.finish_step(applied, bias_rate)` once per optimizer step), eval_capacity_factor (capacity in eval mode; None =
+            "global_batch" | "sequence"), router_jitter and noisy_topk (training noise, keyed by
+            the token's place in the step's global batch; with expert_bias, global_batch or noise
+            call `router.finish_step(applied, bias_rate)` once per optimizer step), eval_capacity_factor (capacity in eval mode; None =
             dropless), min_capacity, max_recv_factor (dropless: fail, naming the layer and EP rank,
             when a rank's experts would receive more than this many times the balanced load),
             num_shared_experts (always-on SwiGLU experts beside the routed ones, dense), n_groups and
@@ -101,6 +102,8 @@ class MoE(nn.Module):
         n_groups: int = 1,
         topk_groups: int = 1,
         aux_loss_scope: str = "micro_batch",
+        router_jitter: float = 0.0,
+        noisy_topk: bool = False,
     ):
         super().__init__()
         self.layer_id = layer_id
@@ -108,7 +111,8 @@ class MoE(nn.Module):
         self.router = Router(d_model, num_experts, top_k, capacity_factor, normalize_top_k, drop_policy,
                              score_func=score_func, route_scale=route_scale, expert_bias=expert_bias,
                              eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
-                             n_groups=n_groups, topk_groups=topk_groups, aux_loss_scope=aux_loss_scope)
+                             n_groups=n_groups, topk_groups=topk_groups, aux_loss_scope=aux_loss_scope,
+                             router_jitter=router_jitter, noisy_topk=noisy_topk)
         self.experts = Experts(num_experts, d_model, d_ff, 0, expert_impl)
         self.shared_experts = SharedExperts(num_shared_experts, d_model, d_ff) if num_shared_experts > 0 else None
         self.max_recv_factor = max_recv_factor
@@ -148,11 +152,20 @@ class MoE(nn.Module):
     def ep_size(self) -> int:
         return group_size(self.dispatcher.ep_group)
 
-    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> MoEOutput:
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None,
+                token_offset: Optional[int] = None) -> MoEOutput:
+        """`token_offset`: index of x's first token in the optimizer step's global batch, for the
+        training noise; by default (micro-batch call * ranks + rank) * tokens, i.e. micro-batch-major."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         valid_T = None if valid is None else valid.reshape(-1)
-        routing = self.router(x_TD, valid_T, seq_len=shape[-2] if len(shape) >= 3 else None)
+        offset = token_offset or 0
+        if self.router.noisy and self.training:
+            if token_offset is None:
+                T = x_TD.shape[0]
+                offset = (self.router.noise_calls * group_size(self.stats_group) + group_rank(self.stats_group)) * T
+            self.router.noise_calls += 1
+        routing = self.router(x_TD, valid_T, seq_len=shape[-2] if len(shape) >= 3 else None, token_offset=offset)
         # the layer's one reduction: routing counts over every rank whose loss the sync averages
         counts = RoutingCounts.split(all_reduce_sum_(
             routing.local_counts, self.stats_group, self.where, "all_reduce of routing statistics"))

@@ -37,6 +37,14 @@ balanced), with P_i the mean normalised score of expert i:
   * `sequence` (DeepSeek-V3): f and P per sequence, the loss averaged over every sequence
     of the global batch.
 
+Noise (training forwards only). `router_jitter` eps multiplies the router's input by
+U(1 - eps, 1 + eps) per element (Switch); `noisy_topk` adds N(0, 1) * softplus(x W_noise) to
+the logits (Shazeer et al. 2017; W_noise is learned, initialised to zero). The noise of a token
+is a pure function of (seed, layer, optimizer step, the token's index in the step's global
+batch, which the trainer passes as `token_offset`), drawn with
+`trainer.seeding.keyed_uniform`: the same whichever rank holds the token and however the
+step is cut into micro-batches, so noisy runs keep EP invariance and resume exactly.
+
 Layout invariance. With counts summed over every data-parallel rank, the loss one rank
 computes, averaged over ranks by the gradient sync, equals the loss one process computes on
 the whole global batch:
@@ -48,6 +56,7 @@ the whole global batch:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..seeding import derived_seed
+from ..seeding import derived_seed, keyed_uniform
 
 
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -174,6 +183,8 @@ class Router(nn.Module):
         n_groups: int = 1,
         topk_groups: int = 1,
         aux_loss_scope: str = "micro_batch",
+        router_jitter: float = 0.0,
+        noisy_topk: bool = False,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -190,6 +201,8 @@ class Router(nn.Module):
             raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
         if aux_loss_scope not in AUX_SCOPES:
             raise ValueError(f"aux_loss_scope must be one of {AUX_SCOPES}, got {aux_loss_scope!r}")
+        if not 0 <= router_jitter < 1:
+            raise ValueError(f"router_jitter must be in [0, 1), got {router_jitter}")
         if n_groups < 1 or num_experts % n_groups:
             raise ValueError(f"n_groups={n_groups} must be >= 1 and divide num_experts={num_experts}")
         if n_groups > 1 and not (1 <= topk_groups <= n_groups and topk_groups * (num_experts // n_groups) >= top_k):
@@ -205,25 +218,42 @@ class Router(nn.Module):
         self.normalize_top_k = default_normalize if normalize_top_k is None else normalize_top_k
         self.drop_policy, self.score_func, self.route_scale = drop_policy, score_func, route_scale
         self.n_groups, self.topk_groups, self.aux_loss_scope = n_groups, topk_groups, aux_loss_scope
+        self.router_jitter, self.noisy_topk = router_jitter, noisy_topk
+        self.noise_seed, self.noise_calls = 0, 0  # set by init_weights; training forwards since finish_step
         self.use_expert_bias = expert_bias  # a flag, not `bias.any()`: that would be a host sync per layer
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.register_buffer("expert_bias_E", torch.zeros(num_experts))
         # routes of this optimizer step's training forwards (global), and of the previous step
         self.register_buffer("pending_counts_E", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.register_buffer("prev_counts_E", torch.zeros(num_experts, dtype=torch.int64))
+        self.register_buffer("noise_step", torch.zeros((), dtype=torch.int64))  # finished optimizer steps
+        self.noise_weight = nn.Parameter(torch.empty(num_experts, d_model)) if noisy_topk else None
 
     @property
     def counts_steps(self) -> bool:
         """Whether training forwards must record their counts for `finish_step`."""
-        return self.use_expert_bias or self.aux_loss_scope == "global_batch"
+        return self.use_expert_bias or self.aux_loss_scope == "global_batch" or self.noisy
+
+    @property
+    def noisy(self) -> bool:
+        return self.router_jitter > 0 or self.noisy_topk
 
     def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
-                seq_len: Optional[int] = None) -> Routing:
+                seq_len: Optional[int] = None, token_offset: int = 0) -> Routing:
         """`seq_len`: tokens per sequence (x_TD holds whole sequences back to back); the sequence
-        balance scope needs it, default: all of x_TD is one sequence."""
+        balance scope needs it, default: all of x_TD is one sequence. `token_offset`: index of
+        x_TD's first token in the optimizer step's global batch (keys the training noise)."""
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
+        noisy = self.noisy and self.training
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            x_router_TD = x_TD.float()
+            if noisy:
+                keys_T = self.noise_step * (1 << 36) + token_offset + torch.arange(T, device=x_TD.device)
+                x_router_TD = self._jitter(x_router_TD, keys_T)
+            logits_TE = F.linear(x_router_TD, self.weight.float())
+            if noisy and self.noisy_topk:
+                logits_TE = logits_TE + self._normal(keys_T, x_TD.shape[1]) * F.softplus(
+                    F.linear(x_router_TD, self.noise_weight.float()))
         if self.score_func == "softmax":
             scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
         else:
@@ -278,6 +308,24 @@ class Router(nn.Module):
             seq_aux_sum=seq_aux,
         )
 
+    def _keyed(self, keys_T: torch.Tensor, first: int, width: int) -> torch.Tensor:
+        """[T, width] uniforms for components [first, first + width) of each token's noise."""
+        D, E = self.weight.shape[1], self.num_experts
+        keys_TW = keys_T[:, None] * (D + 2 * E) + first + torch.arange(width, device=keys_T.device)
+        return keyed_uniform(self.noise_seed, keys_TW).float()
+
+    def _jitter(self, x_TD: torch.Tensor, keys_T: torch.Tensor) -> torch.Tensor:
+        if self.router_jitter == 0:
+            return x_TD
+        eps = self.router_jitter
+        return x_TD * (1 - eps + 2 * eps * self._keyed(keys_T, 0, x_TD.shape[1]))
+
+    def _normal(self, keys_T: torch.Tensor, d_model: int) -> torch.Tensor:
+        """Standard normals [T, E] by Box-Muller from two keyed uniforms per (token, expert)."""
+        E = self.num_experts
+        u1, u2 = self._keyed(keys_T, d_model, E), self._keyed(keys_T, d_model + E, E)
+        return torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+
     def _within_best_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
         """`choice_TE` with the experts outside each token's `topk_groups` best groups set to -inf."""
         T, E, G = choice_TE.shape[0], self.num_experts, self.n_groups
@@ -295,6 +343,8 @@ class Router(nn.Module):
     def finish_step(self, applied: bool, bias_rate: float = 0.0) -> None:
         """Once per optimizer step: the step's counts become `prev_counts_E` (global_batch scope)
         and move the expert bias; a step that was not applied is forgotten."""
+        self.noise_step += 1
+        self.noise_calls = 0
         if applied:  # no host sync: a step with no counts changes nothing by construction
             if self.use_expert_bias and bias_rate > 0:
                 self.update_expert_bias(bias_rate)
@@ -317,3 +367,7 @@ class Router(nn.Module):
             self.expert_bias_E.zero_()
             self.pending_counts_E.zero_()
             self.prev_counts_E.zero_()
+            self.noise_step.zero_()
+            if self.noise_weight is not None:
+                self.noise_weight.zero_()
+        self.noise_seed = derived_seed(seed, layer_id, "router noise")

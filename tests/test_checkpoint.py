@@ -177,3 +177,31 @@ def test_a_model_that_does_not_fit_the_config_names_the_first_tensor(tmp_path, k
 
     with pytest.raises(CheckpointError, match=rf"{first_bad} has shape \[\d+(, \d+)?\] in the checkpoint but "):
         check_model_shapes(verify(path), expected_model_shapes(meta_model))
+
+
+def test_a_checkpoint_older_than_a_buffer_still_loads_and_the_buffer_keeps_its_initial_value(tmp_path, monkeypatch):
+    import trainer.checkpoint as checkpoint
+
+    cfg = small_config(1)
+    real = checkpoint.model_entries
+
+    def without_buffers(model):  # as written before the router had expert-bias and count buffers
+        params = {name for name, _ in model.named_parameters()}
+        return {k: v for k, v in real(model).items() if k.split("/")[1] in params}
+
+    monkeypatch.setattr(checkpoint, "model_entries", without_buffers)
+    path = _save_one_process(tmp_path, cfg)
+    monkeypatch.setattr(checkpoint, "model_entries", real)
+    assert not any("expert_bias_E" in k for k in checkpoint.saved_shapes(path))
+
+    def meta_model():
+        with torch.device("meta"):
+            return Transformer(cfg.model, cfg.moe)
+
+    check_model_shapes(verify(path), expected_model_shapes(meta_model))  # no error
+    layout = make_layout(cfg.parallel, CPU)
+    tr = build_trainer(cfg, layout)
+    with torch.no_grad():
+        tr.model.moe_layers[0].router.expert_bias_E.fill_(0.5)
+    load_checkpoint(verify(path), tr.model, tr.optimizer, layout)
+    assert torch.all(tr.model.moe_layers[0].router.expert_bias_E == 0.5)  # untouched: not in the checkpoint

@@ -154,9 +154,13 @@ def _overload_worker(rank, world_size):
         layer.router.weight.zero_()
         layer.router.weight[0] = 1.0
     x = torch.rand(8, D) + 0.1
-    with pytest.raises(LoadError, match=r"moe layer 6: EP rank 0 would receive 2\.00x the balanced load "
-                                        r"\(16 of 16 routes .*moe\.max_recv_factor=1\.5\)"):
+    with pytest.raises(LoadError, match=r"moe layer 6: in training, EP rank 0 would receive 2\.00x the balanced load "
+                                        r"\(16 of 16 routes .*moe\.max_recv_factor=1\.5\); .*moe\.capacity_factor"):
         layer(x)
+    layer.eval()
+    with pytest.raises(LoadError, match=r"in evaluation, .*set moe\.eval_capacity_factor"):
+        layer(x)
+    layer.train()
     layer.max_recv_factor = None
     layer.dispatcher.max_recv_factor = None
     assert layer(x).out.shape == x.shape  # without the limit the same call goes through

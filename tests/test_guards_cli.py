@@ -33,7 +33,8 @@ SMALL = [
 ]
 
 TRAIN_FIELDS = {"step", *LOSS_FIELDS, "grad_norm", "lr", "tokens_per_s", "dropped_frac", "expert_load_max",
-                "epoch", "elapsed_s", "skipped_steps"}
+                "epoch", "elapsed_s", "skipped_steps", "expert_load_cv", "expert_load_cv_mean", "dead_experts",
+                "dead_experts_mean", "router_entropy", "router_entropy_min"}
 
 no_cuda_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the guard is for machines without CUDA")
 

@@ -142,9 +142,19 @@ def optimizer_entries(model: nn.Module, optimizer: torch.optim.Optimizer, create
     return entries
 
 
-def expected_model_shapes(build_full_model: Callable[[], nn.Module]) -> dict[str, tuple[int, ...]]:
-    """Entry -> shape for the model a config describes (`build_full_model` builds it on the meta device, ep=1)."""
-    return {key: tuple(t.shape) for key, t in model_entries(build_full_model()).items()}
+def optional_entries(model: nn.Module) -> set[str]:
+    """Entries of buffers (expert bias, balance counts, noise step): a checkpoint written before
+    one existed still loads, and the buffer keeps its initial value."""
+    params = {name for name, _ in model.named_parameters()}
+    buffers = {name for name in model.state_dict() if name not in params}
+    return {key for key in model_entries(model) if key.split("/")[1] in buffers}
+
+
+def expected_model_shapes(build_full_model: Callable[[], nn.Module]) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """(entry -> shape, optional entries) for the model a config describes (`build_full_model`
+    builds it on the meta device, ep=1)."""
+    model = build_full_model()
+    return {key: tuple(t.shape) for key, t in model_entries(model).items()}, optional_entries(model)
 
 
 def _train_entries(state: TrainState) -> dict[str, torch.Tensor]:
@@ -362,17 +372,20 @@ def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {key: tuple(m.size) for key, m in metadata.state_dict_metadata.items() if hasattr(m, "size")}
 
 
-def check_model_shapes(found: Found, expected: dict[str, tuple[int, ...]]) -> None:
+def check_model_shapes(found: Found, expected: tuple[dict[str, tuple[int, ...]], set[str]]) -> None:
     """CheckpointError naming the first model tensor that the config and the checkpoint disagree on."""
+    shapes, optional = expected
     saved = {k: v for k, v in saved_shapes(found.path).items() if k.startswith("model/")}
-    for key, shape in expected.items():
+    for key, shape in shapes.items():
+        if key not in saved and key in optional:
+            continue
         if key not in saved:
             raise CheckpointError(f"{found.path}: {key} {list(shape)} is not in the checkpoint (the config describes "
                                   "a model it does not hold)")
         if saved[key] != shape:
             raise CheckpointError(f"{found.path}: {key} has shape {list(saved[key])} in the checkpoint but "
                                   f"{list(shape)} in the model the config describes")
-    extra = next((k for k in saved if k not in expected), None)
+    extra = next((k for k in saved if k not in shapes), None)
     if extra is not None:
         raise CheckpointError(f"{found.path}: {extra} {list(saved[extra])} is in the checkpoint but not in the "
                               "model the config describes")
@@ -397,6 +410,8 @@ def load_checkpoint(found: Found, model: nn.Module, optimizer: Optional[torch.op
     if restore_rng and found.world_size == layout.world_size:
         rng = {k: v.clone() for k, v in _rng_entries(layout.rank, layout.device).items() if k in saved}
         entries.update(rng)
+    for key in optional_entries(model) - set(saved):
+        del entries[key]  # a buffer newer than the checkpoint keeps its initial value
     missing = next((k for k in entries if k not in saved), None)
     if missing is not None:
         raise CheckpointError(f"{found.path}: {missing} is not in the checkpoint")

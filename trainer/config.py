@@ -52,8 +52,8 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     aux_loss_scope: str = "micro_batch"  # micro_batch | global_batch | sequence: what f and P of the aux loss cover
     z_loss_coef: float = 0.001
-    normalize_top_k: Optional[bool] = None  # null = renormalise over the k chosen when k > 1 (always for sigmoid)
-    score_func: str = "softmax"  # softmax | sigmoid (DeepSeek-V3: independent scores, renormalised over the k)
+    normalize_top_k: Optional[bool] = None  # null = renormalise over the k chosen when k > 1
+    score_func: str = "softmax"  # softmax | sigmoid (DeepSeek-V3: independent scores, renormalised over the k when k > 1)
     route_scale: float = 1.0  # multiplies the combine weights
     router_jitter: float = 0.0  # training: multiply the router input by U(1-eps, 1+eps) per element (Switch)
     noisy_topk: bool = False  # training: add N(0,1) * softplus(x W_noise) to the logits (Shazeer 2017)

@@ -25,11 +25,15 @@ def _logical_shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x >> bits) & ((1 << (64 - bits)) - 1)  # torch's >> on int64 is arithmetic
 
 
+def mix64(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (int64 arithmetic wraps, as uint64 would)."""
+    z = x.to(torch.int64) * _GOLDEN + (seed & ((1 << 62) - 1))
+    z = (z ^ _logical_shift_right(z, 30)) * _MIX1
+    z = (z ^ _logical_shift_right(z, 27)) * _MIX2
+    return z ^ _logical_shift_right(z, 31)
+
+
 def keyed_uniform(seed: int, keys: torch.Tensor) -> torch.Tensor:
     """A uniform number in (0, 1) for each int64 key: a pure function of (seed, key), so the
     same token gets the same noise whichever rank holds it (counter-based, like splitmix64)."""
-    z = keys.to(torch.int64) * _GOLDEN + (seed & ((1 << 62) - 1))  # int64 arithmetic wraps, as uint64 would
-    z = (z ^ _logical_shift_right(z, 30)) * _MIX1
-    z = (z ^ _logical_shift_right(z, 27)) * _MIX2
-    z = z ^ _logical_shift_right(z, 31)
-    return (_logical_shift_right(z, 40).to(torch.float64) + 0.5) / float(1 << 24)
+    return (_logical_shift_right(mix64(keys, seed), 40).to(torch.float64) + 0.5) / float(1 << 24)

@@ -166,7 +166,9 @@ class Tracker:
         record = {k: _plain(v) for k, v in metrics.items()}
         self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            # numbers only: per-expert count lists stay in metrics.jsonl, not as many wandb keys
+            scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+            self._wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self._file is not None:

@@ -67,13 +67,13 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ dispatch
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing,
-                 global_routed_E: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, DispatchPlan]:
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, global_routed_E: Optional[torch.Tensor] = None,
+                 phase: str = "training") -> tuple[torch.Tensor, DispatchPlan]:
         """`global_routed_E` (routes per expert summed over every data-parallel rank, the same on
         all of them) lets a dropless layer refuse a load over `max_recv_factor` before moving rows."""
         x_RD, token_idx_R, weight_R, counts_E = self._dispatch_preprocess(x_TD, routing)
         limit_E = global_routed_E if self.max_recv_factor is not None else None
-        x_recv, send_splits, recv_splits, recv_counts_PL = self._dispatch_comm(x_RD, counts_E, limit_E)
+        x_recv, send_splits, recv_splits, recv_counts_PL = self._dispatch_comm(x_RD, counts_E, limit_E, phase)
         tokens_per_local_expert = recv_counts_PL.sum(0).tolist()
         expert_major_idx_X = None
         if self.ep_size > 1 and self.num_local_experts > 1:
@@ -94,7 +94,8 @@ class Dispatcher:
         counts_E = torch.bincount(expert_R, minlength=self.num_experts)
         return x_TD[token_idx_R], token_idx_R, weight_R, counts_E
 
-    def _dispatch_comm(self, x_RD: torch.Tensor, counts_E: torch.Tensor, global_routed_E: Optional[torch.Tensor]):
+    def _dispatch_comm(self, x_RD: torch.Tensor, counts_E: torch.Tensor, global_routed_E: Optional[torch.Tensor],
+                       phase: str = "training"):
         P, L = self.ep_size, self.num_local_experts
         send_counts_PL = counts_E.view(P, L)
         if P == 1:
@@ -113,20 +114,21 @@ class Dispatcher:
         send_splits, recv_counts_PL = host[:P].tolist(), host[P:P + P * L].view(P, L)
         recv_splits = recv_counts_PL.sum(1).tolist()
         if global_routed_E is not None:
-            self._check_load(host[P + P * L:].view(P, L).sum(1))
+            self._check_load(host[P + P * L:].view(P, L).sum(1), phase)
         x_recv = all_to_all_rows(x_RD, send_splits, recv_splits, self.ep_group, self.where)
         return x_recv, send_splits, recv_splits, recv_counts_PL
 
-    def _check_load(self, load_P: torch.Tensor) -> None:
+    def _check_load(self, load_P: torch.Tensor, phase: str) -> None:
         """Refuse, on every rank alike (the loads are global), a receive buffer over the limit."""
         balanced = load_P.sum().item() / self.ep_size
         worst = int(load_P.argmax())
         ratio = load_P[worst].item() / max(balanced, 1e-9)
         if ratio > self.max_recv_factor:
-            raise LoadError(f"{self.where}: EP rank {worst} would receive {ratio:.2f}x the balanced load "
-                            f"({int(load_P[worst])} of {int(load_P.sum())} routes over all data-parallel ranks, "
-                            f"moe.max_recv_factor={self.max_recv_factor}); raise it, set moe.capacity_factor, or "
-                            "balance the router")
+            capacity_key = "moe.capacity_factor" if phase == "training" else "moe.eval_capacity_factor"
+            raise LoadError(f"{self.where}: in {phase}, EP rank {worst} would receive {ratio:.2f}x the balanced "
+                            f"load ({int(load_P[worst])} of {int(load_P.sum())} routes over all data-parallel "
+                            f"ranks, moe.max_recv_factor={self.max_recv_factor}); raise it, set {capacity_key}, "
+                            "or balance the router")
 
     def _check_layer_shapes(self, device: torch.device) -> None:
         header = torch.tensor([self.num_experts, self.ep_size], device=device)

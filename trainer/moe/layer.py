@@ -176,7 +176,8 @@ class MoE(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # send half-width rows, experts run in it anyway
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         dropless = (self.router.capacity_factor if self.training else self.router.eval_capacity_factor) is None
-        x_XD, plan = self.dispatcher.dispatch(x_TD, routing, counts.routed_E if dropless else None)
+        x_XD, plan = self.dispatcher.dispatch(x_TD, routing, counts.routed_E if dropless else None,
+                                              "training" if self.training else "evaluation")
         y_XD = self.experts(x_XD, plan.tokens_per_local_expert)
         out_TD = self.dispatcher.combine(y_XD, plan)
         if self.shared_experts is not None:  # every valid token, no routing; padding still gets zero

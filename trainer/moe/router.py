@@ -8,8 +8,8 @@ this rank's routing counts (`local_counts`); the MoE layer sums them over its st
 one reduction) and hands the global counts to `balance_losses`.
 
 Scores. `softmax` (default): probabilities over all E experts. `sigmoid` (DeepSeek-V3): an
-independent score per expert; the combine weights are the chosen scores renormalised over
-the k (unless `normalize_top_k=False`), and the balance statistics use each token's scores
+independent score per expert; the combine weights are the chosen scores, renormalised over
+the k when k > 1 (`normalize_top_k`), and the balance statistics use each token's scores
 normalised to sum to one. `route_scale` multiplies the combine weights (DeepSeek-V3: 2.5).
 
 Expert bias (aux-loss-free balancing, DeepSeek-V3). `expert_bias_E` is added to the scores
@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..seeding import derived_seed, keyed_uniform
+from ..seeding import derived_seed, keyed_uniform, mix64
 
 
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -212,10 +212,9 @@ class Router(nn.Module):
             raise ValueError(f"route_scale must be > 0, got {route_scale}")
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor, self.eval_capacity_factor, self.min_capacity = capacity_factor, eval_capacity_factor, min_capacity
-        # softmax: k=1 keeps the raw probability (Switch) so the gate learns from the LM loss;
-        # k>1 renormalises over the chosen experts (Mixtral). sigmoid: renormalise (DeepSeek-V3).
-        default_normalize = top_k > 1 or score_func == "sigmoid"
-        self.normalize_top_k = default_normalize if normalize_top_k is None else normalize_top_k
+        # k=1 keeps the raw score (Switch) so the gate learns from the LM loss (a renormalised
+        # single weight is always 1); k>1 renormalises over the chosen experts (Mixtral, DeepSeek-V3).
+        self.normalize_top_k = top_k > 1 if normalize_top_k is None else normalize_top_k
         self.drop_policy, self.score_func, self.route_scale = drop_policy, score_func, route_scale
         self.n_groups, self.topk_groups, self.aux_loss_scope = n_groups, topk_groups, aux_loss_scope
         self.router_jitter, self.noisy_topk = router_jitter, noisy_topk
@@ -248,7 +247,7 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x_router_TD = x_TD.float()
             if noisy:
-                keys_T = self.noise_step * (1 << 36) + token_offset + torch.arange(T, device=x_TD.device)
+                keys_T = token_offset + torch.arange(T, device=x_TD.device)
                 x_router_TD = self._jitter(x_router_TD, keys_T)
             logits_TE = F.linear(x_router_TD, self.weight.float())
             if noisy and self.noisy_topk:
@@ -309,10 +308,11 @@ class Router(nn.Module):
         )
 
     def _keyed(self, keys_T: torch.Tensor, first: int, width: int) -> torch.Tensor:
-        """[T, width] uniforms for components [first, first + width) of each token's noise."""
+        """[T, width] uniforms for components [first, first + width) of each token's noise; the
+        step enters hashed (XOR), so keys never wrap into another step's however long the run."""
         D, E = self.weight.shape[1], self.num_experts
         keys_TW = keys_T[:, None] * (D + 2 * E) + first + torch.arange(width, device=keys_T.device)
-        return keyed_uniform(self.noise_seed, keys_TW).float()
+        return keyed_uniform(self.noise_seed, keys_TW ^ mix64(self.noise_step)).float()
 
     def _jitter(self, x_TD: torch.Tensor, keys_T: torch.Tensor) -> torch.Tensor:
         if self.router_jitter == 0:

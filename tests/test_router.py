@@ -415,3 +415,14 @@ def test_router_noise_is_training_only_keyed_by_token_place_and_step():
     assert not torch.allclose(noisy(x).prob_sum_E, a.prob_sum_E)  # a new step draws new noise
     (noisy(x).prob_sum_E ** 2).sum().backward()
     assert noisy.noise_weight.grad is not None and noisy.noise_weight.grad.abs().sum() > 0  # W_noise learns
+
+
+def test_sigmoid_top1_keeps_the_raw_score_so_the_gate_learns_from_the_output():
+    layer = MoE(16, 24, 4, top_k=1, layer_id=0, score_func="sigmoid")
+    layer.init_weights(seed=0)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    routing = layer.router(x)
+    chosen = torch.sigmoid(x @ layer.router.weight.t()).gather(1, routing.expert_idx_TK)
+    torch.testing.assert_close(routing.weight_TK, chosen)  # not renormalised to 1
+    layer(x).out.sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 1e-2

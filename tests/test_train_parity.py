@@ -80,9 +80,9 @@ def test_expert_bias_balancing_is_the_same_on_every_layout(tmp_path):
     assert without[-1]["expert_counts"] != one[-1]["expert_counts"]  # the bias did change the routing
 
 
-@pytest.mark.parametrize("scope,extra", [("global_batch", []), ("sequence", []),
+@pytest.mark.parametrize("scope,extra", [("sequence", []),
                                          ("global_batch", ["moe.router_jitter=0.2", "moe.noisy_topk=true"])],
-                         ids=["global_batch", "sequence", "global_batch+noise"])
+                         ids=["sequence", "global_batch+noise"])  # noise keeps step 1's aux at exactly 1
 def test_balance_scope_is_the_same_objective_for_any_world_size_and_accumulation(tmp_path, scope, extra):
     """(2 processes, 1 micro-batch) == (1 process, 2 micro-batches) == (4 processes ep=4, 2 micro-batches)
     == (1 process, 1 micro-batch)."""

@@ -208,7 +208,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then each override in order."""
-    cfg = Config()
+    values: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -219,11 +219,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        _merge(cfg, values, "")
-    return _apply_overrides(cfg, overrides)
+    return config_from_dict(values, overrides)
 
 
-def _apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
+    """Defaults, then `values` (a YAML file's, or a checkpoint's `to_dict`), then the overrides."""
+    cfg = Config()
+    _merge(cfg, values, "")
     for text in overrides:
         parts, value = parse_override(text)
         nested: Any = value
@@ -235,13 +237,6 @@ def _apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
-    """A config saved by `to_dict` (a checkpoint's), then overrides; the same checks as a file's."""
-    cfg = Config()
-    _merge(cfg, values, "")
-    return _apply_overrides(cfg, overrides)
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -22,7 +22,7 @@ from .checkpoint import (META_FILE, CheckpointError, Found, check_model_shapes, 
 from .config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict
 from .dist import Layout
 from .model import Transformer
-from .parallelize import parallelize
+from .train import build_model, evaluate, full_model_on_meta
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
@@ -43,12 +43,6 @@ def _for_one_process(cfg: Config, device: torch.device) -> Config:
                                parallel=dataclasses.replace(cfg.parallel, ep=1))
 
 
-def build_one_process_model(cfg: Config, device: torch.device) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(cfg.model, cfg.moe)
-    return parallelize(model, one_process_layout(device), cfg.train.seed)
-
-
 def find_checkpoint(path: Path, warn=lambda line: None) -> Found:
     """`path` is a checkpoint directory or a run.dir (its newest checkpoint that verifies)."""
     if (path / META_FILE).is_file():
@@ -61,15 +55,10 @@ def find_checkpoint(path: Path, warn=lambda line: None) -> Found:
     return found
 
 
-def _meta_model(cfg: Config) -> Transformer:
-    with torch.device("meta"):
-        return Transformer(cfg.model, cfg.moe)
-
-
 def load_checkpoint_model(found: Found, cfg: Config, device: torch.device) -> Transformer:
     """A one-process model holding every expert of `found` (a checkpoint of any EP size)."""
-    check_model_shapes(found, expected_model_shapes(lambda: _meta_model(cfg)))
-    model = build_one_process_model(cfg, device)
+    check_model_shapes(found, expected_model_shapes(lambda: full_model_on_meta(cfg)))
+    model = build_model(cfg, one_process_layout(device))
     load_checkpoint(found, model, None, one_process_layout(device), restore_rng=False)
     return model
 
@@ -79,7 +68,7 @@ def _load_export(path: Path, device: torch.device) -> tuple[Transformer, Config]
         cfg = _for_one_process(load_config(path / EXPORT_CONFIG), device)
     except ConfigError as e:
         raise CheckpointError(f"{path / EXPORT_CONFIG}: {e}") from None
-    expected = {name: tuple(t.shape) for name, t in _meta_model(cfg).state_dict().items()}
+    expected = {name: tuple(t.shape) for name, t in full_model_on_meta(cfg).state_dict().items()}
     with safe_open(path / EXPORT_WEIGHTS, framework="pt") as f:
         saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     for name, shape in expected.items():
@@ -90,7 +79,7 @@ def _load_export(path: Path, device: torch.device) -> tuple[Transformer, Config]
     extra = next((name for name in saved if name not in expected), None)
     if extra is not None:
         raise CheckpointError(f"{path / EXPORT_WEIGHTS}: {extra} is not in the model {EXPORT_CONFIG} describes")
-    model = build_one_process_model(cfg, device)
+    model = build_model(cfg, one_process_layout(device))
     model.load_state_dict(load_file(path / EXPORT_WEIGHTS, device=str(device)))
     return model, cfg
 
@@ -143,7 +132,6 @@ def eval_checkpoint(path: str | Path, overrides: list[str], warn=lambda line: No
     from .config import validate
     from .data import TokenBatches, check_corpus, load_corpus
     from .dist import pick_device
-    from .train import evaluate
 
     fixed = next((o for o in overrides if o.startswith(("model.", "moe."))), None)
     if fixed is not None:

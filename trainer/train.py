@@ -67,11 +67,15 @@ def autocast_context(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
+def full_model_on_meta(cfg: Config) -> Transformer:
+    """Every expert, no storage, no groups: what the config describes, for shape checks."""
+    with torch.device("meta"):
+        return Transformer(cfg.model, cfg.moe)
+
+
 def build_model(cfg: Config, layout: Layout) -> Transformer:
     """Built on the meta device with no process groups, then sharded, materialised and initialised."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model, cfg.moe)
-    return parallelize(model, layout, cfg.train.seed, cfg.parallel.debug_splits)
+    return parallelize(full_model_on_meta(cfg), layout, cfg.train.seed, cfg.parallel.debug_splits)
 
 
 @dataclass
@@ -171,12 +175,6 @@ def evaluate(model: Transformer, cfg: Config, layout: Layout, batches: TokenBatc
     model.train()
     all_reduce_sum_(sums, layout.world_group, "evaluation", "all_reduce of validation losses")
     return (sums[0] / sums[1].clamp(min=1)).item()
-
-
-def full_model_on_meta(cfg: Config) -> Transformer:
-    """Every expert, no storage, no groups: what the config describes, for shape checks."""
-    with torch.device("meta"):
-        return Transformer(cfg.model, cfg.moe)
 
 
 def checkpoint_to_resume(cfg: Config, run_dir: Path, warn=lambda line: print0(True, line)) -> Optional[Found]:

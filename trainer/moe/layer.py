@@ -175,7 +175,7 @@ class MoE(nn.Module):
             self.router.count_step(counts.routed_E)
         if torch.is_autocast_enabled(x.device.type):  # send half-width rows, experts run in it anyway
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
-        dropless = (self.router.capacity_factor if self.training else self.router.eval_capacity_factor) is None
+        dropless = self.router.active_capacity_factor is None
         x_XD, plan = self.dispatcher.dispatch(x_TD, routing, counts.routed_E if dropless else None,
                                               "training" if self.training else "evaluation")
         y_XD = self.experts(x_XD, plan.tokens_per_local_expert)

@@ -234,6 +234,11 @@ class Router(nn.Module):
         return self.use_expert_bias or self.aux_loss_scope == "global_batch" or self.noisy
 
     @property
+    def active_capacity_factor(self) -> Optional[float]:
+        """The capacity factor of this forward: training's, or evaluation's in eval mode (None = dropless)."""
+        return self.capacity_factor if self.training else self.eval_capacity_factor
+
+    @property
     def noisy(self) -> bool:
         return self.router_jitter > 0 or self.noisy_topk
 
@@ -280,7 +285,7 @@ class Router(nn.Module):
         routed_E = torch.bincount(bucket_N, minlength=E + 1)[:E]
 
         keep_TK = valid_TK
-        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        capacity_factor = self.active_capacity_factor
         if capacity_factor is not None:
             if self.drop_policy == "position":
                 # all first choices before any second choice; earlier tokens first within a choice

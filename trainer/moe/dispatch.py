@@ -4,15 +4,16 @@ Shape legend: T tokens on this rank, D model dim, K top-k, E experts (global),
 P ranks in the EP group, L = E/P local experts, R routes this rank sends (kept routes,
 sorted by expert), X rows this rank's experts process.
 
-dispatch:  preprocess (sort routes by expert, gather rows)
-           -> comm (exchange counts, then uneven all_to_all of rows)
-           -> postprocess (regroup rows from rank-major to local-expert-major)
-combine:   the same stages in reverse, then a weighted scatter-add into [T, D].
+dispatch = plan (sort routes by expert, exchange counts, one device-to-host copy of them)
+           -> permute (gather the rows of kept routes) -> exchange (uneven all_to_all)
+           -> regroup (rank-major to local-expert-major)
+combine  = unregroup -> exchange_back -> unpermute (weighted scatter-add into [T, D]).
+Each stage is a public method, so a benchmark can time them one by one (`trainer.bench`).
 
 Receive splits always come from the all_to_all of counts, never from a guess. With
 `debug_splits`, every rank also all-gathers the whole split matrix and checks it, because
 gloo fills mismatched splits with garbage instead of failing. Nothing is kept on `self`
-between stages: `dispatch` returns a `DispatchPlan` that `combine` takes back.
+between stages: `plan` returns a `DispatchPlan` that every later stage takes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .router import Routing
 @dataclass
 class DispatchPlan:
     num_tokens: int
+    route_idx_R: torch.Tensor  # index into the flattened [T * K] routes of each sent route
     token_idx_R: torch.Tensor  # source token of each sent route
     weight_R: torch.Tensor  # fp32 combine weight of each sent route
     send_splits: list[int]  # rows sent to each rank of the EP group
@@ -69,54 +71,68 @@ class Dispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, global_routed_E: Optional[torch.Tensor] = None,
                  phase: str = "training") -> tuple[torch.Tensor, DispatchPlan]:
-        """`global_routed_E` (routes per expert summed over every data-parallel rank, the same on
+        """Rows for this rank's experts, grouped by local expert, and the plan to bring them back.
+
+        `global_routed_E` (routes per expert summed over every data-parallel rank, the same on
         all of them) lets a dropless layer refuse a load over `max_recv_factor` before moving rows."""
-        x_RD, token_idx_R, weight_R, counts_E = self._dispatch_preprocess(x_TD, routing)
-        limit_E = global_routed_E if self.max_recv_factor is not None else None
-        x_recv, send_splits, recv_splits, recv_counts_PL = self._dispatch_comm(x_RD, counts_E, limit_E, phase)
-        tokens_per_local_expert = recv_counts_PL.sum(0).tolist()
-        expert_major_idx_X = None
-        if self.ep_size > 1 and self.num_local_experts > 1:
-            expert_major_idx_X = regroup_index(recv_counts_PL.to(x_TD.device))
-            x_recv = x_recv[expert_major_idx_X]
-        plan = DispatchPlan(x_TD.shape[0], token_idx_R, weight_R, send_splits, recv_splits,
-                            tokens_per_local_expert, expert_major_idx_X)
-        return x_recv, plan
+        plan = self.plan(routing, global_routed_E, phase)
+        return self.regroup(self.exchange(self.permute(x_TD, plan), plan), plan), plan
 
-    def _dispatch_preprocess(self, x_TD: torch.Tensor, routing: Routing):
+    def plan(self, routing: Routing, global_routed_E: Optional[torch.Tensor] = None,
+             phase: str = "training") -> DispatchPlan:
+        """Sort routes by expert, exchange counts, and bring every count the host needs over in
+        ONE device-to-host copy (the layer's only one); dropped routes are sorted out, not filtered
+        with `nonzero`."""
+        P, L, E = self.ep_size, self.num_local_experts, self.num_experts
         K = routing.expert_idx_TK.shape[1]
-        kept_routes = routing.keep_TK.reshape(-1).nonzero().squeeze(1)
-        expert_R = routing.expert_idx_TK.reshape(-1)[kept_routes]
-        by_expert = torch.argsort(expert_R, stable=True)
-        kept_routes, expert_R = kept_routes[by_expert], expert_R[by_expert]
-        token_idx_R = kept_routes // K
-        weight_R = routing.weight_TK.reshape(-1)[kept_routes]
-        counts_E = torch.bincount(expert_R, minlength=self.num_experts)
-        return x_TD[token_idx_R], token_idx_R, weight_R, counts_E
-
-    def _dispatch_comm(self, x_RD: torch.Tensor, counts_E: torch.Tensor, global_routed_E: Optional[torch.Tensor],
-                       phase: str = "training"):
-        P, L = self.ep_size, self.num_local_experts
-        send_counts_PL = counts_E.view(P, L)
-        if P == 1:
-            splits = [x_RD.shape[0]]
-            return x_RD, splits, splits, send_counts_PL.cpu()
-        if self.debug_splits:  # before the count exchange, which mismatched shapes would corrupt
-            self._check_layer_shapes(send_counts_PL.device)
-        recv_counts_PL = all_to_all_counts(send_counts_PL, self.ep_group, self.where)
-        if self.debug_splits:
-            self._check_split_matrix(send_counts_PL, recv_counts_PL)
-        # one device-to-host copy per layer for both split lists (and the global loads, if checked)
-        parts = [send_counts_PL.sum(1), recv_counts_PL.reshape(-1)]
-        if global_routed_E is not None:
+        bucket_N = torch.where(routing.keep_TK, routing.expert_idx_TK, E).reshape(-1)  # dropped/padding: last
+        order_N = torch.argsort(bucket_N, stable=True)  # stable: each expert's rows keep token order
+        send_counts_PL = torch.bincount(bucket_N, minlength=E + 1)[:E].view(P, L)
+        recv_counts_PL = send_counts_PL
+        if P > 1:
+            if self.debug_splits:  # before the count exchange, which mismatched shapes would corrupt
+                self._check_layer_shapes(send_counts_PL.device)
+            recv_counts_PL = all_to_all_counts(send_counts_PL, self.ep_group, self.where)
+            if self.debug_splits:
+                self._check_split_matrix(send_counts_PL, recv_counts_PL)
+        parts = [send_counts_PL.reshape(-1), recv_counts_PL.reshape(-1)]
+        if global_routed_E is not None and self.max_recv_factor is not None and P > 1:
             parts.append(global_routed_E.to(send_counts_PL.dtype))
         host = torch.cat(parts).cpu()
-        send_splits, recv_counts_PL = host[:P].tolist(), host[P:P + P * L].view(P, L)
-        recv_splits = recv_counts_PL.sum(1).tolist()
-        if global_routed_E is not None:
-            self._check_load(host[P + P * L:].view(P, L).sum(1), phase)
-        x_recv = all_to_all_rows(x_RD, send_splits, recv_splits, self.ep_group, self.where)
-        return x_recv, send_splits, recv_splits, recv_counts_PL
+        send_PL, recv_PL = host[:P * L].view(P, L), host[P * L:2 * P * L].view(P, L)
+        if host.numel() > 2 * P * L:
+            self._check_load(host[2 * P * L:].view(P, L).sum(1), phase)
+        route_idx_R = order_N[:int(send_PL.sum())]  # a host count: slicing needs no sync
+        expert_major_idx_X = None
+        if P > 1 and L > 1:
+            expert_major_idx_X = regroup_index(recv_PL).to(bucket_N.device, non_blocking=True)
+        return DispatchPlan(
+            num_tokens=routing.expert_idx_TK.shape[0],
+            route_idx_R=route_idx_R,
+            token_idx_R=route_idx_R // K,
+            weight_R=routing.weight_TK.reshape(-1).index_select(0, route_idx_R),
+            send_splits=send_PL.sum(1).tolist(),
+            recv_splits=recv_PL.sum(1).tolist(),
+            tokens_per_local_expert=recv_PL.sum(0).tolist(),
+            expert_major_idx_X=expert_major_idx_X,
+        )
+
+    def permute(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """[R, D]: the row of every kept route, in (destination rank, local expert) order.
+        index_select, not x[idx]: its backward is one index_add, not an accumulating index_put."""
+        return x_TD.index_select(0, plan.token_idx_R)
+
+    def exchange(self, x_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Uneven all_to_all: the rows this rank's experts process, in (source rank, local expert) order."""
+        if self.ep_size == 1:
+            return x_RD
+        return all_to_all_rows(x_RD, plan.send_splits, plan.recv_splits, self.ep_group, self.where)
+
+    def regroup(self, x_recv: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """(source rank, local expert) blocks -> (local expert, source rank) blocks."""
+        if plan.expert_major_idx_X is None:
+            return x_recv
+        return x_recv.index_select(0, plan.expert_major_idx_X)
 
     def _check_load(self, load_P: torch.Tensor, phase: str) -> None:
         """Refuse, on every rank alike (the loads are global), a receive buffer over the limit."""
@@ -150,22 +166,22 @@ class Dispatcher:
     # ------------------------------------------------------------------ combine
 
     def combine(self, y_XD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        y_back_RD = self._combine_comm(self._combine_preprocess(y_XD, plan), plan)
-        return self._combine_postprocess(y_back_RD, plan)
+        """[T, D] fp32: each token's expert outputs, weighted and summed (the inverse of `dispatch`)."""
+        return self.unpermute(self.exchange_back(self.unregroup(y_XD, plan), plan), plan)
 
-    def _combine_preprocess(self, y_XD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def unregroup(self, y_XD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         if plan.expert_major_idx_X is None:
             return y_XD
-        rank_major_idx_X = torch.empty_like(plan.expert_major_idx_X)
-        rank_major_idx_X[plan.expert_major_idx_X] = torch.arange(y_XD.shape[0], device=y_XD.device)
-        return y_XD[rank_major_idx_X]
+        # row i of y_XD came from received row expert_major_idx_X[i]: put it back there
+        # (index_copy's backward is an index_select: no inverse permutation is built)
+        return torch.empty_like(y_XD).index_copy(0, plan.expert_major_idx_X, y_XD)
 
-    def _combine_comm(self, y_XD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def exchange_back(self, y_recv: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         if self.ep_size == 1:
-            return y_XD
-        return all_to_all_rows(y_XD, plan.recv_splits, plan.send_splits, self.ep_group, self.where)
+            return y_recv
+        return all_to_all_rows(y_recv, plan.recv_splits, plan.send_splits, self.ep_group, self.where)
 
-    def _combine_postprocess(self, y_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def unpermute(self, y_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         # weighted in fp32; dropped routes add nothing, the residual stream carries their token
         weighted_RD = y_RD.float() * plan.weight_R[:, None]
         out_TD = weighted_RD.new_zeros((plan.num_tokens, y_RD.shape[1]))

@@ -1,11 +1,11 @@
 """Experts: sharding keeps values and global ids; grouped GEMM is validated, `auto` falls back;
-on CUDA, the loop and grouped GEMM agree under bf16 (skipped without a GPU)."""
+(CPU equality with the loop: tests/test_fast_paths.py); on CUDA, the loop and grouped GEMM agree under bf16 (skipped without a GPU)."""
 
 import pytest
 import torch
 
 from trainer.moe import MoE
-from trainer.moe.experts import Experts, grouped_mm_problem
+from trainer.moe.experts import Experts, expert_impl_used, grouped_mm_problem
 
 
 def test_local_slice_keeps_values_and_global_ids():
@@ -21,17 +21,28 @@ def test_local_slice_keeps_values_and_global_ids():
     assert torch.equal(fresh.w1_LFD, part.w1_LFD)
 
 
-def test_grouped_mm_problems_are_named_and_auto_falls_back_on_cpu():
-    assert "CUDA" in grouped_mm_problem(torch.device("cpu"), torch.bfloat16, 64, 64)
-    layer = MoE(16, 32, 4, top_k=2, expert_impl="auto")
+def test_grouped_mm_problems_are_named_and_auto_falls_back():
+    assert grouped_mm_problem(torch.device("cpu"), torch.float32, 64, 64) is None  # runs on CPU if asked for
+    assert expert_impl_used("auto", torch.device("cpu"), torch.float32, 64, 64) == "loop"
+    assert expert_impl_used("auto", torch.device("cuda"), torch.bfloat16, 64, 64) == "grouped_mm"
+    assert "bf16" in grouped_mm_problem(torch.device("cuda"), torch.float32, 64, 64).replace("bfloat16", "bf16")
+    assert "moe.d_ff=30" in grouped_mm_problem(torch.device("cpu"), torch.bfloat16, 64, 30)
+    layer = MoE(16, 30, 4, top_k=2, expert_impl="auto")  # 30 bf16 = 60 bytes: unaligned, auto loops
     layer.init_weights(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(torch.randn(12, 16))
     assert out.out.shape == (12, 16) and torch.isfinite(out.out).all()
-    forced = MoE(16, 32, 4, top_k=2, expert_impl="grouped_mm")
+    forced = MoE(16, 30, 4, top_k=2, expert_impl="grouped_mm")
     forced.init_weights(0)
-    with pytest.raises(RuntimeError, match="moe.expert_impl=grouped_mm: it needs a CUDA device"):
+    with pytest.raises(RuntimeError, match="moe.expert_impl=grouped_mm: moe.d_ff=30 rows are not 16-byte aligned"):
         forced(torch.randn(12, 16))
+
+
+def test_grouped_mm_takes_a_stride_zero_gradient():
+    experts = Experts(4, 16, 32, impl="grouped_mm")
+    experts.init_weights(seed=0, layer_id=0, std=0.1, out_std=0.1)
+    experts(torch.randn(12, 16), [5, 0, 4, 3]).sum().backward()  # .sum(): an expanded (stride-0) gradient
+    assert experts.w1_LFD.grad.abs().sum() > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or grouped_mm_problem(

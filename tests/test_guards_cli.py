@@ -293,7 +293,6 @@ def test_vocab_smaller_than_bytes_is_refused(command, capsys, tmp_path, corpus):
 CPU_ONLY = [
     ("parallel.backend=nccl", "parallel.backend"),
     ("train.device=cuda", "train.device"),
-    ("moe.expert_impl=grouped_mm", "moe.expert_impl"),
 ]
 
 
@@ -303,6 +302,15 @@ def test_what_needs_cuda_is_refused_without_it(override, key, capsys, tmp_path, 
     run_dir = tmp_path / "run"
     code, _, err = cli(capsys, "train", TINY, *SMALL, *files_data(corpus), override, f"run.dir={run_dir}")
     assert_one_line_refusal(code, err, f"error: config: {key}: ")
+    assert not run_dir.exists()
+
+
+def test_grouped_mm_on_unaligned_rows_is_refused(capsys, tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    code, _, err = cli(capsys, "train", TINY, *SMALL, *files_data(corpus), "moe.expert_impl=grouped_mm",
+                       "moe.d_ff=250", "train.device=cpu", f"run.dir={run_dir}")
+    line = assert_one_line_refusal(code, err, "error: config: moe.expert_impl: ")
+    assert "moe.d_ff=250" in line and "aligned" in line
     assert not run_dir.exists()
 
 
@@ -411,3 +419,19 @@ def test_run_dir_error_prints_once_under_torchrun(tmp_path, corpus):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: run.dir: ") and str(run_dir) in lines[0], result.stderr
     assert run_dir.read_text() == "keep me\n"
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_says_so_once(capsys, tmp_path, corpus, monkeypatch):
+    from trainer import preflight
+    from trainer.config import load_config
+
+    cfg = load_config(TINY, ["train.dtype=bf16", "train.device=cpu"])
+    assert "train.dtype=bf16" in preflight.bf16_cpu_note(cfg, capabilities={"avx2": True})
+    assert preflight.bf16_cpu_note(cfg, capabilities={"amx_bf16": True}) is None
+    assert preflight.bf16_cpu_note(load_config(TINY, ["train.device=cpu"]), capabilities={}) is None
+    monkeypatch.setattr(preflight, "cpu_bf16_matrix_instructions", lambda capabilities=None: [])
+    code, _, err = cli(capsys, "check", TINY, *SMALL, *files_data(corpus), "train.dtype=bf16", "train.device=cpu",
+                       f"run.dir={tmp_path / 'run'}")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "bf16 matrix instructions" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: train.dtype=bf16"), err

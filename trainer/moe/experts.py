@@ -19,24 +19,51 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..seeding import derived_seed
+from .expert_loop import ExpertLoopSwiGLU
 
 EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
 GROUPED_MM_ALIGN_BYTES = 16  # torch's grouped GEMM wants 16-byte aligned rows
 
 
 def grouped_mm_problem(device: torch.device, dtype: torch.dtype, d_model: int, d_ff: int) -> str | None:
-    """Why torch's grouped GEMM cannot run here, or None when it can."""
+    """Why torch's grouped GEMM cannot run here, or None when it can (CUDA: bf16; CPU: fp32 or bf16)."""
     if not hasattr(F, "grouped_mm"):
         return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm"
-    if device.type != "cuda":
-        return f"it needs a CUDA device (its CPU backward is not usable), got {device.type}"
-    if dtype != torch.bfloat16:
-        return f"it needs bf16 (train.dtype=bf16), got {dtype}"
+    if device.type not in ("cuda", "cpu"):
+        return f"it runs on CUDA or CPU, got {device.type}"
+    allowed = (torch.bfloat16,) if device.type == "cuda" else (torch.float32, torch.bfloat16)
+    if dtype not in allowed:
+        return f"on {device.type} it needs {' or '.join(str(d) for d in allowed)}, got {dtype}"
     elem = torch.empty((), dtype=dtype).element_size()
     for name, dim in (("model.d_model", d_model), ("moe.d_ff", d_ff)):
         if (dim * elem) % GROUPED_MM_ALIGN_BYTES:
             return f"{name}={dim} rows are not {GROUPED_MM_ALIGN_BYTES}-byte aligned in {dtype}"
     return None
+
+
+def expert_impl_used(impl: str, device: torch.device, dtype: torch.dtype, d_model: int, d_ff: int) -> str:
+    """The implementation `impl` resolves to for these inputs ("loop" or "grouped_mm").
+
+    `auto`: grouped GEMM on CUDA where it can run; the loop elsewhere. On CPU, torch's grouped
+    GEMM is itself a loop of matmuls and measured no faster than ours (`python -m trainer bench
+    --impl grouped_mm`), while it casts and differentiates every expert's weights in bf16."""
+    if impl == "auto":
+        usable = device.type == "cuda" and grouped_mm_problem(device, dtype, d_model, d_ff) is None
+        return "grouped_mm" if usable else "loop"
+    return impl
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's backward
+    rejects the stride-0 gradient of, e.g., `out.sum().backward()`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 class Experts(nn.Module):
@@ -70,31 +97,28 @@ class Experts(nn.Module):
         return part
 
     def forward(self, x_XD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        D, F_ = x_XD.shape[1], self.w1_LFD.shape[1]
+        if torch.is_autocast_enabled(x_XD.device.type):  # experts run in the autocast dtype
+            x_XD = x_XD.to(torch.get_autocast_dtype(x_XD.device.type))
         if self.impl == "grouped_mm":
-            problem = grouped_mm_problem(x_XD.device, x_XD.dtype, x_XD.shape[1], self.w1_LFD.shape[1])
+            problem = grouped_mm_problem(x_XD.device, x_XD.dtype, D, F_)
             if problem:
                 raise RuntimeError(f"moe.expert_impl=grouped_mm: {problem}")
-            return self._forward_grouped(x_XD, tokens_per_expert)
-        if self.impl == "auto" and grouped_mm_problem(x_XD.device, x_XD.dtype, x_XD.shape[1], self.w1_LFD.shape[1]) is None:
+        if expert_impl_used(self.impl, x_XD.device, x_XD.dtype, D, F_) == "grouped_mm":
             return self._forward_grouped(x_XD, tokens_per_expert)
         return self._forward_loop(x_XD, tokens_per_expert)
 
     def _forward_loop(self, x_XD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        # unbind, not w[local]: the backward of L selects would zero-fill L full [L, F, D]
-        # gradients (quadratic in L); unbind's backward stacks the L pieces once.
-        weights = (w.to(x_XD.dtype).unbind(0) for w in (self.w1_LFD, self.w3_LFD, self.w2_LDF))
-        outputs = []
-        for x_xD, w1_FD, w3_FD, w2_DF in zip(torch.split(x_XD, tokens_per_expert), *weights):
-            h_xF = F.silu(x_xD @ w1_FD.t()) * (x_xD @ w3_FD.t())
-            outputs.append(h_xF @ w2_DF.t())
-        return torch.cat(outputs)
+        return ExpertLoopSwiGLU.apply(x_XD, self.w1_LFD, self.w3_LFD, self.w2_LDF, tokens_per_expert)
 
     def _forward_grouped(self, x_XD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        offs_L = torch.tensor(tokens_per_expert, device=x_XD.device).cumsum(0).to(torch.int32)
+        # the counts are on the host already: build the offsets there, one host-to-device copy
+        offs_L = torch.tensor(tokens_per_expert, dtype=torch.int64).cumsum(0).to(device=x_XD.device, dtype=torch.int32)
         w1, w3, w2 = (w.to(x_XD.dtype) for w in (self.w1_LFD, self.w3_LFD, self.w2_LDF))
         gate_XF = F.grouped_mm(x_XD, w1.transpose(-2, -1), offs=offs_L)
         up_XF = F.grouped_mm(x_XD, w3.transpose(-2, -1), offs=offs_L)
-        return F.grouped_mm(F.silu(gate_XF) * up_XF, w2.transpose(-2, -1), offs=offs_L)
+        out_XD = F.grouped_mm(F.silu(gate_XF) * up_XF, w2.transpose(-2, -1), offs=offs_L)
+        return _ContiguousGrad.apply(out_XD)
 
     def init_weights(self, seed: int, layer_id: int, std: float, out_std: float) -> None:
         """Expert e of layer l is drawn from a generator seeded by (seed, l, e): layout-independent."""

@@ -19,15 +19,17 @@ Every collective here raises `CollectiveError` naming the operation; the loop ad
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed import ProcessGroup
 
 from .dist import Layout
-from .moe.collectives import all_reduce_sum_
+from .moe.collectives import all_reduce_sum_, named_collective
 from .moe.experts import expert_parameters
 
 
@@ -49,60 +51,113 @@ def _grads(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad for p in params]
 
 
-def _buckets(tensors: list[torch.Tensor], max_numel: int) -> list[list[torch.Tensor]]:
-    buckets: list[list[torch.Tensor]] = []
-    current: list[torch.Tensor] = []
+def _buckets(params: list[nn.Parameter], max_numel: int) -> list[list[nn.Parameter]]:
+    """Consecutive runs of parameters of one dtype, at most `max_numel` elements each (or one tensor)."""
+    buckets: list[list[nn.Parameter]] = []
+    current: list[nn.Parameter] = []
     numel = 0
-    for t in tensors:
-        if current and (numel + t.numel() > max_numel or t.dtype != current[0].dtype):
+    for p in params:
+        if current and (numel + p.numel() > max_numel or p.dtype != current[0].dtype):
             buckets.append(current)
             current, numel = [], 0
-        current.append(t)
-        numel += t.numel()
+        current.append(p)
+        numel += p.numel()
     if current:
         buckets.append(current)
     return buckets
 
 
-def sum_and_scale_(grads: list[torch.Tensor], group: Optional[ProcessGroup], scale: float, what: str,
-                   bucket_numel: int = 1 << 24) -> None:
-    """grads <- scale * SUM_group(grads), in flat buckets to keep collectives few."""
-    for bucket in _buckets(grads, bucket_numel):
-        flat = _flatten_dense_tensors(bucket)
-        all_reduce_sum_(flat, group, "gradient sync", f"all_reduce of {what} gradients")
-        flat.mul_(scale)
-        for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-            g.copy_(synced)
+@dataclass(eq=False)
+class _Bucket:
+    params: list[nn.Parameter]
+    group: Optional[ProcessGroup]
+    what: str  # "dense" | "expert"
+    ready: int = 0  # parameters whose gradient of this step is final
+    flat: Optional[torch.Tensor] = None  # in flight
+    work: Optional[dist.Work] = None
 
 
 class GradSync:
-    def __init__(self, model: nn.Module, layout: Layout):
+    """Gradient reduction in buckets launched DURING the last micro-batch's backward.
+
+    Each bucket (about `bucket_mb` of gradients, parameters in reverse order of definition,
+    the order backward produces them) starts its all_reduce as soon as its last gradient is
+    accumulated, so communication overlaps with the rest of the backward. Buckets always start
+    in the same fixed order on every rank (a ready bucket waits for the ones before it), so
+    ranks issue collectives in one order; a bucket whose parameters got no gradient starts in
+    `reduce`, with zeros. Call `expect_backward(last)` before each micro-batch's backward and
+    `reduce()` after the last one."""
+
+    def __init__(self, model: nn.Module, layout: Layout, bucket_mb: float = 25.0, overlap: bool = True):
         self.layout = layout
         self.dense, self.expert = split_dense_expert(model)
+        self.overlap = overlap and layout.world_size > 1
+        max_numel = max(1, int(bucket_mb * 2**20 / 4))
+        self.buckets = [_Bucket(b, layout.world_group, "dense") for b in _buckets(self.dense[::-1], max_numel)]
+        if layout.expert_dp_group is not None:
+            self.buckets += [_Bucket(b, layout.expert_dp_group, "expert") for b in _buckets(self.expert[::-1], max_numel)]
+        self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self._next = 0  # first bucket not yet launched
+        self._armed = False
+        if self.overlap:
+            for p in (*self.dense, *self.expert):
+                if id(p) in self._bucket_of:
+                    p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    def expect_backward(self, last_micro_batch: bool) -> None:
+        """Launch reductions during the coming backward only if it completes the step's gradients."""
+        self._armed = self.overlap and last_micro_batch
+
+    def _on_grad_ready(self, p: nn.Parameter) -> None:
+        if not self._armed:
+            return
+        bucket = self._bucket_of[id(p)]
+        bucket.ready += 1
+        while self._next < len(self.buckets) and self.buckets[self._next].ready == len(self.buckets[self._next].params):
+            self._launch(self.buckets[self._next])
+            self._next += 1
+
+    def _launch(self, bucket: _Bucket) -> None:
+        bucket.flat = _flatten_dense_tensors(_grads(bucket.params))
+        with named_collective("gradient sync", f"all_reduce of {bucket.what} gradients"):
+            bucket.work = dist.all_reduce(bucket.flat, group=bucket.group, async_op=True)
 
     def reduce(self) -> None:
         """Turn each rank's local gradients into the gradient of the global mean loss."""
-        inv_world = 1.0 / self.layout.world_size
-        sum_and_scale_(_grads(self.dense), self.layout.world_group, inv_world, "dense")
-        sum_and_scale_(_grads(self.expert), self.layout.expert_dp_group, inv_world, "expert")
+        self._armed = False
+        if self.layout.world_size > 1:
+            for bucket in self.buckets[self._next:]:
+                self._launch(bucket)
+            inv_world = 1.0 / self.layout.world_size
+            for bucket in self.buckets:
+                with named_collective("gradient sync", f"all_reduce of {bucket.what} gradients"):
+                    bucket.work.wait()
+                bucket.flat.mul_(inv_world)
+                for p, synced in zip(bucket.params, _unflatten_dense_tensors(bucket.flat, bucket.params)):
+                    p.grad.copy_(synced)
+                bucket.flat, bucket.work, bucket.ready = None, None, 0
+        if self.layout.expert_dp_group is None:  # one replica of each expert: nothing to sum, only the mean
+            torch._foreach_mul_(_grads(self.expert), 1.0 / self.layout.world_size)
+        self._next = 0
 
     def global_norm(self) -> torch.Tensor:
-        """The one-process gradient norm, identical on every rank (call after `reduce`)."""
+        """The one-process gradient norm, identical on every rank (call after `reduce`).
+        Per-tensor norms in one fused kernel per group, summed in fp64."""
         device = self.layout.device
-        dense_sq = torch.zeros((), dtype=torch.float64, device=device)
-        for g in _grads(self.dense):
-            dense_sq += g.double().square().sum()
-        expert_sq = torch.zeros((), dtype=torch.float64, device=device)
-        for g in _grads(self.expert):
-            expert_sq += g.double().square().sum()
+
+        def sum_sq(grads: list[torch.Tensor]) -> torch.Tensor:
+            if not grads:
+                return torch.zeros((), dtype=torch.float64, device=device)
+            return torch.stack(torch._foreach_norm(grads)).double().square().sum()
+
+        expert_sq = sum_sq(_grads(self.expert))
         all_reduce_sum_(expert_sq, self.layout.ep_group, "gradient clipping", "all_reduce of the expert norm")
-        return (dense_sq + expert_sq).sqrt()
+        return (sum_sq(_grads(self.dense)) + expert_sq).sqrt()
 
     def clip_(self, max_norm: float) -> torch.Tensor:
         """Scale all gradients so the global norm is at most `max_norm` (0 = measure only)."""
         norm = self.global_norm()
         if max_norm > 0:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0).to(torch.float32)
-            for g in _grads(self.dense + self.expert):
-                g.mul_(coef.to(g.dtype))
+            torch._foreach_mul_(_grads(self.dense + self.expert), coef)
         return norm.float()

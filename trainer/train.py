@@ -131,6 +131,7 @@ def train_step(tr: Trainer, inputs: torch.Tensor, targets: torch.Tensor, lr: flo
             first_token = (layout.rank * inputs.shape[0] + m * micro) * inputs.shape[1]
             out = tr.model(inputs[rows].to(device), targets[rows].to(device), lm_tokens=lm_tokens,
                            token_offset=first_token)
+        tr.grad_sync.expect_backward(last_micro_batch=m == A - 1)  # its gradient all_reduces overlap it
         (out.loss / A).backward()
         stats.add(out, A)
 

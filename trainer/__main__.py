@@ -1,5 +1,6 @@
 """CLI: `python -m trainer train|check CONFIG.yaml [key=value ...]`, alone or under torchrun;
-`export RUN_DIR OUT_DIR`, `sample RUN_DIR_OR_EXPORT`, `eval RUN_DIR [key=value ...]` in one process.
+`export RUN_DIR OUT_DIR`, `sample RUN_DIR_OR_EXPORT`, `eval RUN_DIR [key=value ...]` in one process;
+`bench [--preset NAME] [--config CONFIG key=value ...]`, alone or under torchrun.
 
 Errors are one line on stderr. An error that is the same on every rank (a bad config, an
 unusable run.dir, ranks that disagree, a non-finite loss) is printed by rank 0 only; a failed
@@ -54,7 +55,26 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="key=value",
                           help="data.*, train.eval_batches, train.batch_size, train.device, ... "
                                "(the model's shape comes from the checkpoint)")
+    bench = commands.add_parser("bench", help="MoE layer and training-step throughput against references measured "
+                                               "in the same run (JSON lines); alone or under torchrun")
+    from .bench import add_arguments
+
+    add_arguments(bench)
+    bench.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for --config")
     return parser
+
+
+def _run_bench(args) -> int:
+    if args.overrides and not args.config:
+        return _fail(f"bench: key=value overrides ({' '.join(args.overrides)}) need --config", EXIT_BAD_INPUT)
+    if min(args.iters, args.rounds, args.steps) < 1 or args.warmup < 0:
+        return _fail("bench: --iters, --rounds and --steps must be >= 1 and --warmup >= 0", EXIT_BAD_INPUT)
+    from .bench import run
+
+    try:
+        return run(args, args.overrides)
+    except ConfigError as e:
+        return _fail(f"config: {e}", EXIT_BAD_INPUT)
 
 
 def _run_offline(args) -> int:
@@ -111,15 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*getattr(args, "overrides", []), *rest]
     if args.command in ("export", "sample", "eval"):
         return _run_offline(args)
+    if args.command == "bench":
+        return _run_bench(args)
     world_size = getattr(args, "nproc", None) or env_world_size()
 
     # everything here runs before any process group exists, identically on every rank
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg, world_size)
-        from .preflight import preflight  # imports torch: only once the config parses
+        from .preflight import bf16_cpu_note, preflight  # imports torch: only once the config parses
 
         preflight(cfg, world_size)
+        note = bf16_cpu_note(cfg)
+        if note and env_rank() == 0:
+            print(note, file=sys.stderr)
     except ConfigError as e:
         return _fail(f"config: {e}", EXIT_BAD_INPUT)
 

@@ -124,6 +124,22 @@ def check_memory(cfg: Config, world_size: int) -> None:
                       f"the size is driven by {', '.join(keys)}")
 
 
+def cpu_bf16_matrix_instructions(capabilities: dict | None = None) -> list[str]:
+    """The bf16 matrix instruction sets of this CPU that torch uses (empty: bf16 is emulated)."""
+    if capabilities is None:
+        capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return [name for name in ("amx_bf16", "avx512_bf16") if capabilities.get(name)]
+
+
+def bf16_cpu_note(cfg: Config, capabilities: dict | None = None) -> str | None:
+    """One line for a bf16 run on a CPU that would emulate bf16 (not an error: it still trains)."""
+    if cfg.train.dtype != "bf16" or _cuda_wanted(cfg) or cpu_bf16_matrix_instructions(capabilities):
+        return None
+    return ("note: train.dtype=bf16 on a CPU without bf16 matrix instructions (no AMX, no avx512_bf16): torch "
+            "emulates bf16 here and runs many times slower than fp32 (about 20x on an AVX2-only CPU); "
+            "train.dtype=fp32 is the fast choice on this machine")
+
+
 def preflight(cfg: Config, world_size: int) -> None:
     """Everything that can be known before joining a process group; raises ConfigError."""
     check_device(cfg)

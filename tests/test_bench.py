@@ -1,0 +1,54 @@
+"""`python -m trainer bench` under torchrun with 2 gloo processes: one JSON line per case with
+the contract's fields, figures that hang together, and a training-step case with MFU.
+(Speed itself is never asserted: the benchmark measures it.)"""
+
+import json
+
+import pytest
+
+from tests.cli import run_cli
+
+LAYER_FIELDS = {"case", "tokens_per_s", "ceiling_tokens_per_s", "ratio", "peak_mem_mb", "split_ms", "expert_impl",
+                "activation_mb", "experts_vs_peak", "matmul_peak_tflops"}
+
+
+def records(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_bench_layer_and_step_cases_under_torchrun(tmp_path):
+    out_file = tmp_path / "bench.jsonl"
+    proc = run_cli(["bench", "--preset", "quick", "--cases", "E8-dropless,cap", "--iters", "2", "--rounds", "2",
+                    "--config", "configs/tiny.yaml", "--steps", "2", "--warmup", "1", "model.n_layers=2",
+                    "train.batch_size=4", "--out", str(out_file)], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = records(proc.stdout)
+    assert records(out_file.read_text()) == lines
+    by_case = {r["case"]: r for r in lines}
+    assert "matmul_peak-fp32" in by_case and by_case["matmul_peak-fp32"]["tflops"] > 0
+    layer = [r for r in lines if r["case"].startswith("fp32-E8")]
+    assert {r["capacity_factor"] for r in layer} == {None, 1.25}
+    for r in layer:
+        assert LAYER_FIELDS <= r.keys(), r.keys()
+        assert r["ranks"] == 2 and r["tokens_per_s"] > 0 and r["ceiling_tokens_per_s"] > 0
+        assert r["ratio"] == pytest.approx(r["tokens_per_s"] / r["ceiling_tokens_per_s"], rel=1e-3)
+        assert set(r["split_ms"]) == {"router", "permute", "all_to_all", "experts", "combine"}
+        assert all(v >= 0 for v in r["split_ms"].values()) and r["split_ms"]["experts"] > 0
+        assert 0 < r["experts_vs_peak"] and r["activation_mb"] > 0
+    step = next(r for r in lines if r["case"].startswith("step:configs/tiny.yaml"))
+    assert step["ranks"] == 2 and step["tokens_per_s"] > 0 and 0 < step["mfu"] < 1
+    assert proc.stderr.count("bf16 matrix instructions") == 1
+
+
+def test_bench_refuses_overrides_without_a_config():
+    proc = run_cli(["bench", "--preset", "quick", "moe.num_experts=4"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: bench: key=value overrides")
+
+
+def test_bench_names_a_bad_config_key():
+    proc = run_cli(["bench", "--config", "configs/tiny.yaml", "moe.nope=1"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: config: ")
+    assert "moe.nope" in proc.stderr

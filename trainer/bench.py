@@ -1,0 +1,358 @@
+"""`python -m trainer bench`: MoE layer and training-step throughput against references
+measured in the same run, one JSON line per case on stdout.
+
+Layer cases (`--preset`): forward+backward of one MoE layer on T tokens per rank, and, in
+the same run, alternating with it, the dense SwiGLU FFN with the same active FLOPs
+(hidden size top_k * d_ff) on the same tokens: `ratio` = MoE tokens/s over dense tokens/s.
+Each case also reports the time split by stage (`trainer.stage_timing`), the expert
+matmuls' FLOP rate against this machine's matmul peak (measured here, per dtype, with the
+same threads per rank), activation memory (bytes saved for backward) and peak device memory.
+
+Step cases (`--config CONFIG [key=value ...]`): whole training steps of a config: tokens/s,
+model FLOPs utilisation against the measured matmul peak, and against the spec sheet
+(989 TFLOP/s bf16 on H100/H200) on a known GPU.
+
+Run it alone (one process) or under torchrun (the MoE layer's experts sharded over all
+ranks, ep = world size); on CPU torchrun gives each rank OMP_NUM_THREADS=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .moe.collectives import group_rank
+from .moe.experts import SharedExperts, expert_impl_used
+from .moe.layer import MoE
+from .preflight import cpu_bf16_matrix_instructions
+from .stage_timing import STAGES, StageClock, staged_forward_backward, synchronize
+
+SPEC_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense FLOP/s per GPU
+AUX_COEF, Z_COEF = 0.01, 0.001
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    dtype: str
+    num_experts: int
+    capacity_factor: Optional[float]  # None = dropless
+    d_model: int
+    d_ff: int
+    top_k: int
+    tokens: int  # per rank
+
+    @property
+    def name(self) -> str:
+        capacity = "dropless" if self.capacity_factor is None else f"cap{self.capacity_factor:g}"
+        return f"{self.dtype}-E{self.num_experts}-{capacity}-d{self.d_model}-f{self.d_ff}-k{self.top_k}-t{self.tokens}"
+
+
+def _cases(dtypes, experts, capacities, d_model, d_ff, top_k, tokens) -> list[LayerCase]:
+    return [LayerCase(dt, e, cf, d_model, d_ff, top_k, tokens)
+            for dt in dtypes for cf in capacities for e in experts if cf is None or e == experts[0]]
+
+
+PRESETS: dict[str, list[LayerCase]] = {
+    # the issue's reference shape: fp32 and bf16, dropless and capacity 1.25, 8 / 64 / 256 experts
+    "reference": _cases(("fp32", "bf16"), (8, 64, 256), (None, 1.25), 256, 1024, 2, 4096),
+    # a GPU-sized layer (bf16 only): d_model 2048, 16k tokens per rank
+    "gpu": _cases(("bf16",), (8, 64), (None, 1.25), 2048, 2048, 2, 16384),
+    # seconds on a laptop: for trying the command and for the test suite
+    "quick": _cases(("fp32",), (8, 32), (None, 1.25), 64, 128, 2, 512),
+}
+
+
+# ---------------------------------------------------------------------------- environment
+
+def setup_process_group() -> tuple[torch.device, Optional[dist.ProcessGroup]]:
+    """Join torchrun's world (gloo on CPU, NCCL on CUDA); one process needs no group."""
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device, None
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.group.WORLD
+
+
+def max_over_ranks(value: float, group, device) -> float:
+    if group is None:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item()
+
+
+def mean_over_ranks(values: list[float], group, device) -> list[float]:
+    if group is None:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    return (t / dist.get_world_size(group)).tolist()
+
+
+def timed(fn: Callable[[], None], iters: int, device: torch.device, group) -> float:
+    """Seconds per call of `fn`, the slowest rank's (every rank waits for it anyway)."""
+    if group is not None:
+        dist.barrier(group)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    synchronize(device)
+    return max_over_ranks((time.perf_counter() - start) / iters, group, device)
+
+
+def matmul_peak_flops(dtype: torch.dtype, device: torch.device, group, extra_shapes=()) -> float:
+    """The best matmul FLOP/s of this machine in `dtype` with this rank's threads, all ranks at
+    once (as in the cases): square shapes and the dense reference's own, the best of them."""
+    sizes = (1024, 2048, 4096) if device.type == "cpu" else (4096, 8192)
+    shapes = [(n, n, n) for n in sizes] + list(extra_shapes)
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        flops = 2.0 * m * k * n
+        iters = max(2, min(50, int(2e10 / flops) if device.type == "cpu" else int(2e13 / flops)))
+        a @ b  # warm-up
+        best = max(best, flops / timed(lambda: a @ b, iters, device, group))
+    return best
+
+
+def activation_bytes(fn: Callable[[], torch.Tensor], params) -> int:
+    """Bytes of the distinct tensors autograd saves for backward during `fn`, parameters left
+    out: the activation memory."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+# ---------------------------------------------------------------------------- layer cases
+
+def build_pair(case: LayerCase, device: torch.device, group, impl: str, seed: int = 0):
+    """(MoE layer with its experts sharded over `group`, dense SwiGLU with the same active FLOPs)."""
+    with torch.device("meta"):
+        layer = MoE(case.d_model, case.d_ff, case.num_experts, case.top_k, case.capacity_factor,
+                    expert_impl=impl)
+        dense = SharedExperts(case.top_k, case.d_model, case.d_ff)
+    layer.apply_expert_parallel(group, group)
+    layer.to_empty(device=device)
+    dense.to_empty(device=device)
+    layer.init_weights(seed)
+    dense.init_weights(seed, 0, *_stds(case))
+    return layer, dense
+
+
+def _stds(case: LayerCase) -> tuple[float, float]:
+    std = 1.0 / math.sqrt(case.d_model)
+    return std, std / math.sqrt(2)
+
+
+def run_layer_case(case: LayerCase, device: torch.device, group, iters: int, rounds: int, impl: str,
+                   peaks: dict) -> dict:
+    layer, dense = build_pair(case, device, group, impl)
+    rank = group_rank(group)
+    gen = torch.Generator(device=device).manual_seed(1000 + rank)
+    x_TD = torch.randn(case.tokens, case.d_model, device=device, generator=gen)
+    grad_TD = torch.randn(case.tokens, case.d_model, device=device, generator=gen)
+    autocast_dtype = DTYPES[case.dtype] if case.dtype != "fp32" else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+
+    def moe_forward() -> torch.Tensor:
+        x = x_TD.detach().requires_grad_()
+        with autocast():
+            out = layer(x)
+        return (out.out.float() * grad_TD).sum() + AUX_COEF * out.aux_loss + Z_COEF * out.z_loss
+
+    def dense_forward() -> torch.Tensor:
+        x = x_TD.detach().requires_grad_()
+        with autocast():
+            y = dense(x)
+        return (y.float() * grad_TD).sum()
+
+    def step(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            forward().backward()
+            for p in (*layer.parameters(), *dense.parameters()):
+                p.grad = None
+        return run
+
+    moe_step, dense_step = step(moe_forward), step(dense_forward)
+    moe_step(), dense_step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    moe_s, dense_s = [], []
+    for _ in range(rounds):  # alternate, so drift in the machine's speed hits both alike
+        moe_s.append(timed(moe_step, iters, device, group))
+        dense_s.append(timed(dense_step, iters, device, group))
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+    clock = StageClock(device)
+    rows = 0
+    for _ in range(iters):
+        _, _, rows = staged_forward_backward(layer, x_TD, grad_TD, AUX_COEF, Z_COEF, clock, autocast_dtype)
+    split = dict(zip(STAGES, mean_over_ranks([clock.ms[s] / iters for s in STAGES], group, device)))
+    expert_flops = 3 * 2 * 3 * rows * case.d_model * case.d_ff  # fwd + 2x bwd, three matmuls per row
+    expert_rate = mean_over_ranks([expert_flops / max(clock.ms["experts"] / iters / 1e3, 1e-12)], group, device)[0]
+
+    moe_t, dense_t = statistics.median(moe_s), statistics.median(dense_s)
+    return {
+        "case": case.name,
+        "dtype": case.dtype,
+        "num_experts": case.num_experts,
+        "capacity_factor": case.capacity_factor,
+        "ranks": 1 if group is None else dist.get_world_size(group),
+        "expert_impl": expert_impl_used(impl, device, DTYPES[case.dtype], case.d_model, case.d_ff),
+        "tokens_per_s": round(case.tokens / moe_t, 1),
+        "ceiling_tokens_per_s": round(case.tokens / dense_t, 1),
+        "ratio": round(dense_t / moe_t, 4),
+        "peak_mem_mb": None if peak_mem is None else round(peak_mem, 1),
+        "activation_mb": round(activation_bytes(moe_forward, layer.parameters()) / 2**20, 2),
+        "ceiling_activation_mb": round(activation_bytes(dense_forward, dense.parameters()) / 2**20, 2),
+        "split_ms": {s: round(v, 2) for s, v in split.items()},
+        "split_total_ms": round(sum(split.values()), 2),
+        "layer_ms": round(1e3 * moe_t, 2),
+        "expert_tflops": round(expert_rate / 1e12, 4),
+        "matmul_peak_tflops": round(peaks[case.dtype] / 1e12, 4),
+        "experts_vs_peak": round(expert_rate / peaks[case.dtype], 4),
+        "rounds_tokens_per_s": [round(case.tokens / t, 1) for t in moe_s],
+    }
+
+
+# ---------------------------------------------------------------------------- step cases
+
+def run_step_case(config: str, overrides: list[str], steps: int, warmup: int, device: torch.device, group) -> dict:
+    """Whole training steps of a config (no run.dir is touched)."""
+    from .config import load_config, validate
+    from .data import TokenBatches, check_corpus, load_corpus
+    from .dist import make_layout
+    from .preflight import preflight
+    from .train import build_trainer, lr_at
+
+    world = 1 if group is None else dist.get_world_size(group)
+    cfg = load_config(config, [*overrides, f"train.device={device.type}",
+                               f"parallel.backend={'nccl' if device.type == 'cuda' else 'gloo'}"])
+    validate(cfg, world)
+    preflight(cfg, world)
+    layout = make_layout(cfg.parallel, device)
+    corpus = load_corpus(cfg.data)
+    check_corpus(corpus, cfg.model.vocab_size, cfg.model.seq_len)
+    tr = build_trainer(cfg, layout)
+    t = cfg.train
+    batches = TokenBatches(corpus.train, cfg.model.seq_len, t.batch_size, layout.rank, world, t.seed, True, "train")
+    from .train import train_step
+
+    def one(step: int) -> None:
+        inputs, targets = batches.batch(step)
+        train_step(tr, inputs, targets, lr_at(step, cfg))
+
+    for step in range(warmup):
+        one(step)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    counter = iter(range(warmup, warmup + steps))
+    seconds = timed(lambda: one(next(counter)), steps, device, group)
+    tokens_per_s = t.batch_size * cfg.model.seq_len / seconds
+    flops_per_token = tr.model.flops_per_token()
+    dtype = DTYPES[t.dtype]
+    peak = matmul_peak_flops(dtype, device, group)
+    spec = next((v for k, v in SPEC_PEAK_BF16.items() if device.type == "cuda"
+                 and k in torch.cuda.get_device_name(device)), None)
+    record = {
+        "case": f"step:{config}" + (f" {' '.join(overrides)}" if overrides else ""),
+        "dtype": t.dtype,
+        "ranks": world,
+        "ep": cfg.parallel.ep,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "step_ms": round(1e3 * seconds, 2),
+        "flops_per_token": flops_per_token,
+        "matmul_peak_tflops": round(peak / 1e12, 4),
+        "mfu": round(flops_per_token * tokens_per_s / (peak * world), 4),
+        "mfu_spec": round(flops_per_token * tokens_per_s / (spec * world), 4) if spec and t.dtype == "bf16" else None,
+        "peak_mem_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+        "params": sum(p.numel() for p in tr.model.parameters()),
+    }
+    return record
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="layer cases: reference (the CPU reference shape), gpu, quick (default: reference, "
+                             "unless --config is given)")
+    parser.add_argument("--cases", default=None,
+                        help="only layer cases whose name contains one of these comma-separated parts, "
+                             "e.g. 'bf16,E64'")
+    parser.add_argument("--impl", choices=("auto", "loop", "grouped_mm"), default="auto",
+                        help="expert implementation (moe.expert_impl; default auto)")
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations per round (default 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating MoE/dense rounds; median (default 3)")
+    parser.add_argument("--config", default=None, help="time whole training steps of this config")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed training steps first (default 3)")
+    parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+
+
+def run(args, overrides: list[str]) -> int:
+    device, group = setup_process_group()
+    is_main = group is None or dist.get_rank() == 0
+    out = open(args.out, "a") if args.out and is_main else None
+
+    def emit(record: dict) -> None:
+        if is_main:
+            line = json.dumps(record)
+            print(line, flush=True)
+            if out:
+                out.write(line + "\n")
+                out.flush()
+
+    try:
+        if is_main and device.type == "cpu":
+            found = cpu_bf16_matrix_instructions()
+            print(f"bench: {torch.get_num_threads()} thread(s) per rank; bf16 matrix instructions: "
+                  f"{', '.join(found) if found else 'none (bf16 is emulated, expect it slower than fp32)'}",
+                  file=sys.stderr)
+        if args.preset or not args.config:
+            cases = PRESETS[args.preset or "reference"]
+            if args.cases:
+                parts = args.cases.split(",")
+                cases = [c for c in cases if any(p in c.name for p in parts)]
+            peaks = {}
+            for dtype in sorted({c.dtype for c in cases}):
+                shapes = {(c.tokens, c.d_model, c.top_k * c.d_ff) for c in cases if c.dtype == dtype}
+                peaks[dtype] = matmul_peak_flops(DTYPES[dtype], device, group, shapes)
+                emit({"case": f"matmul_peak-{dtype}", "tflops": round(peaks[dtype] / 1e12, 4)})
+            for case in cases:
+                emit(run_layer_case(case, device, group, args.iters, args.rounds, args.impl, peaks))
+        if args.config:
+            emit(run_step_case(args.config, overrides, args.steps, args.warmup, device, group))
+    finally:
+        if out:
+            out.close()
+        if group is not None:
+            dist.destroy_process_group()
+    return 0

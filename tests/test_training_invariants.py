@@ -312,3 +312,35 @@ def test_routing_window_reports_spread_dead_experts_and_entropy_over_its_steps()
     assert record["router_entropy"] == pytest.approx((1.0 + 0.4) / 2) and record["router_entropy_min"] == pytest.approx(0.4)
     assert record["expert_counts"] == [[4, 4, 4, 4], [4, 0, 4, 0]]
     assert window.summary() == {}  # each log line starts a new window
+
+
+# ----------------------------------------------------------------------------- e. overlapped gradient sync
+
+
+def _overlap_worker(rank, world_size):
+    """4 ranks, ep=2 (dense buckets over the world, expert buckets over the replicas): buckets
+    launched during backward give the same gradients, bit for bit, as all launched afterwards."""
+    cfg = small_config(ep=2, batch_size=8)
+    layout = make_layout(cfg.parallel, CPU)
+    model = build_model(cfg, layout)
+    inputs, targets = TokenBatches(random_tokens(), S, 8, rank, world_size, 0, True, "train").batch(0)
+    results = {}
+    for overlap in (False, True):
+        sync = GradSync(model, layout, bucket_mb=0.05, overlap=overlap)  # small buckets: many of them
+        assert {b.what for b in sync.buckets} == {"dense", "expert"} and len(sync.buckets) > 4
+        model.zero_grad(set_to_none=True)
+        sync.expect_backward(last_micro_batch=True)
+        model(inputs, targets).loss.backward()
+        launched_during_backward = sync._next
+        sync.reduce()
+        results[overlap] = ([p.grad.clone() for p in model.parameters()], launched_during_backward)
+        sync.expect_backward(last_micro_batch=False)
+    assert results[False][1] == 0
+    assert results[True][1] == len(GradSync(model, layout, bucket_mb=0.05, overlap=False).buckets)
+    for (name, _), a, b in zip(model.named_parameters(), results[False][0], results[True][0]):
+        assert torch.equal(a, b), f"rank {rank}: {name}"
+
+
+@pytest.mark.slow
+def test_overlapped_gradient_sync_launches_in_backward_and_changes_nothing():
+    run_processes(_overlap_worker, 4)

@@ -51,13 +51,15 @@ def _grads(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad for p in params]
 
 
-def _buckets(params: list[nn.Parameter], max_numel: int) -> list[list[nn.Parameter]]:
-    """Consecutive runs of parameters of one dtype, at most `max_numel` elements each (or one tensor)."""
+def _buckets(params: list[nn.Parameter], is_expert: set[int], max_numel: int) -> list[list[nn.Parameter]]:
+    """Consecutive runs of `params` of one kind (dense or expert) and dtype, at most `max_numel`
+    elements each (or one tensor)."""
     buckets: list[list[nn.Parameter]] = []
     current: list[nn.Parameter] = []
     numel = 0
     for p in params:
-        if current and (numel + p.numel() > max_numel or p.dtype != current[0].dtype):
+        if current and (numel + p.numel() > max_numel or p.dtype != current[0].dtype
+                        or (id(p) in is_expert) != (id(current[0]) in is_expert)):
             buckets.append(current)
             current, numel = [], 0
         current.append(p)
@@ -93,9 +95,14 @@ class GradSync:
         self.dense, self.expert = split_dense_expert(model)
         self.overlap = overlap and layout.world_size > 1
         max_numel = max(1, int(bucket_mb * 2**20 / 4))
-        self.buckets = [_Bucket(b, layout.world_group, "dense") for b in _buckets(self.dense[::-1], max_numel)]
-        if layout.expert_dp_group is not None:
-            self.buckets += [_Bucket(b, layout.expert_dp_group, "expert") for b in _buckets(self.expert[::-1], max_numel)]
+        # dense and expert buckets interleaved in reverse definition order, the order backward
+        # finishes them; experts with a single replica have nothing to sum and get no bucket
+        is_expert = {id(p) for p in self.expert}
+        synced = [p for p in model.parameters() if p.requires_grad and
+                  (id(p) not in is_expert or layout.expert_dp_group is not None)]
+        self.buckets = [_Bucket(b, layout.expert_dp_group, "expert") if id(b[0]) in is_expert
+                        else _Bucket(b, layout.world_group, "dense")
+                        for b in _buckets(list(dict.fromkeys(synced))[::-1], is_expert, max_numel)]
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._next = 0  # first bucket not yet launched
         self._armed = False
@@ -109,9 +116,9 @@ class GradSync:
         self._armed = self.overlap and last_micro_batch
 
     def _on_grad_ready(self, p: nn.Parameter) -> None:
-        if not self._armed:
+        bucket = self._bucket_of.get(id(p))  # None: a copy of a parameter (deepcopy) or a frozen one
+        if not self._armed or bucket is None:
             return
-        bucket = self._bucket_of[id(p)]
         bucket.ready += 1
         while self._next < len(self.buckets) and self.buckets[self._next].ready == len(self.buckets[self._next].params):
             self._launch(self.buckets[self._next])

@@ -31,6 +31,7 @@ from .grad_sync import GradSync
 from .model import Transformer
 from .moe import LoadError
 from .moe.collectives import CollectiveError, all_reduce_sum_
+from .moe.experts import expert_impl_used
 from .parallelize import parallelize
 from .preemption import StopRequest
 from .rundir import RunDirError, RunDirLock, holds_a_run_without_checkpoint
@@ -297,8 +298,10 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
     n_params = sum(p.numel() for p in tr.model.parameters())
     n_expert = sum(p.numel() for p in tr.grad_sync.expert)
     print0(layout.is_main, f"data: {corpus.description}")
+    compute_dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
+    impl = expert_impl_used(cfg.moe.expert_impl, layout.device, compute_dtype, cfg.model.d_model, cfg.moe.d_ff)
     print0(layout.is_main, f"model: {cfg.model.n_layers} layers, {len(tr.model.moe_layers)} MoE, "
-                           f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k}; this rank holds "
+                           f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} (experts: {impl}); this rank holds "
                            f"{n_params / 1e6:.2f}M params ({n_expert / 1e6:.2f}M expert)")
     print0(layout.is_main, f"layout: world {layout.world_size}, ep {layout.ep}, {layout.num_replicas} expert "
                            f"replica(s), device {layout.device}, batch {t.batch_size} x {S} tokens "

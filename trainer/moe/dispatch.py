@@ -25,7 +25,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from .collectives import CollectiveError, all_gather_tensor, all_to_all_counts, all_to_all_rows, group_rank, group_size
-from .router import Routing
+from .router import Routing, count_per_bucket
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Dispatcher:
         K = routing.expert_idx_TK.shape[1]
         bucket_N = torch.where(routing.keep_TK, routing.expert_idx_TK, E).reshape(-1)  # dropped/padding: last
         order_N = torch.argsort(bucket_N, stable=True)  # stable: each expert's rows keep token order
-        send_counts_PL = torch.bincount(bucket_N, minlength=E + 1)[:E].view(P, L)
+        send_counts_PL = count_per_bucket(bucket_N, E + 1)[:E].view(P, L)
         recv_counts_PL = send_counts_PL
         if P > 1:
             if self.debug_splits:  # before the count exchange, which mismatched shapes would corrupt

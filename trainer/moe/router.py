@@ -141,6 +141,13 @@ def sequence_aux_sum(probs_TE: torch.Tensor, bucket_N: torch.Tensor, valid_T: to
     return per_seq.sum(), (valid_s > 0).sum()
 
 
+def count_per_bucket(bucket_N: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """int64 [num_buckets]: how many entries of `bucket_N` fall in each bucket. A scatter_add,
+    not `torch.bincount`, whose CUDA kernel reads the maximum back to the host (a sync)."""
+    counts = torch.zeros(num_buckets, dtype=torch.int64, device=bucket_N.device)
+    return counts.scatter_add_(0, bucket_N, torch.ones_like(bucket_N, dtype=torch.int64))
+
+
 def capacity(num_valid_tokens: torch.Tensor, capacity_factor: float, top_k: int, num_experts: int,
              min_capacity: int = 0) -> torch.Tensor:
     """C = max(ceil(cf * T * K / E), min_capacity), T counting valid tokens only. Stays on the device."""
@@ -155,7 +162,7 @@ def position_in_expert(expert_idx_N: torch.Tensor, priority_N: torch.Tensor, num
     by_priority = torch.argsort(priority_N, stable=True)
     experts_in_priority = expert_idx_N[by_priority]
     by_expert = torch.argsort(experts_in_priority, stable=True)  # ties keep priority order
-    counts_B = torch.bincount(experts_in_priority, minlength=num_buckets)
+    counts_B = count_per_bucket(experts_in_priority, num_buckets)
     starts_B = torch.cumsum(counts_B, 0) - counts_B
     sorted_experts = experts_in_priority[by_expert]
     pos_sorted = torch.arange(n, device=expert_idx_N.device) - starts_B[sorted_experts]
@@ -282,7 +289,7 @@ class Router(nn.Module):
 
         # routes of padding tokens go to an extra bucket E: no capacity, no statistics
         bucket_N = torch.where(valid_TK, expert_idx_TK, E).reshape(-1)
-        routed_E = torch.bincount(bucket_N, minlength=E + 1)[:E]
+        routed_E = count_per_bucket(bucket_N, E + 1)[:E]
 
         keep_TK = valid_TK
         capacity_factor = self.active_capacity_factor

@@ -98,3 +98,26 @@ def test_existing_run_dir_is_refused_and_left_alone(tmp_path, monkeypatch, capsy
     assert code == 2
     assert capsys.readouterr().err.startswith("error: run.dir:")
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_every_config_key_is_listed_with_its_default_and_a_meaning():
+    import dataclasses
+
+    from tests.cli import run_cli
+    from trainer.config import Config, load_config, to_dict
+    from trainer.config_keys import config_keys
+
+    rows = config_keys()
+    defaults = to_dict(Config())
+    expected = {f"{section}.{key}" for section, values in defaults.items() for key in values}
+    assert {key for key, _, _ in rows} == expected
+    assert [key for key, _, meaning in rows if not meaning] == [], "a config field without a comment"
+    # each listed default, given back as an override, yields the default config
+    assert to_dict(load_config(None, [f"{key}={default}" for key, default, _ in rows])) == defaults
+    assert len(dataclasses.fields(Config)) == len(defaults)
+    listing = run_cli(["config"])
+    assert listing.returncode == 0
+    for key, default, meaning in rows:
+        assert any(line.split()[:2] == [key, default] and line.endswith(meaning) for line in listing.stdout.splitlines()), key
+    help_text = run_cli(["train", "--help"]).stdout
+    assert all(key in help_text for key, _, _ in rows)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config, validate
+from .config_keys import format_config_keys
 from .dist import env_rank, env_world_size
 
 EXIT_BAD_INPUT = 2
@@ -33,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("train", "train a model from a YAML config"),
                             ("check", "validate a config against this machine without starting anything")):
-        cmd = commands.add_parser(name, help=help_text)
+        cmd = commands.add_parser(name, help=help_text, epilog=format_config_keys(),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.add_argument("config", help="YAML file, e.g. configs/tiny.yaml")
         cmd.add_argument("overrides", nargs="*", metavar="key=value",
                          help="dotted overrides, e.g. moe.num_experts=16 train.steps=100")
@@ -55,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="key=value",
                           help="data.*, train.eval_batches, train.batch_size, train.device, ... "
                                "(the model's shape comes from the checkpoint)")
+    commands.add_parser("config", help="list every config key with its default and meaning")
     bench = commands.add_parser("bench", help="MoE layer and training-step throughput against references measured "
                                                "in the same run (JSON lines); alone or under torchrun")
     from .bench import add_arguments
@@ -133,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run_offline(args)
     if args.command == "bench":
         return _run_bench(args)
+    if args.command == "config":
+        if args.overrides:
+            parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
+        print(format_config_keys())
+        return 0
     world_size = getattr(args, "nproc", None) or env_world_size()
 
     # everything here runs before any process group exists, identically on every rank

@@ -26,21 +26,21 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    seq_len: int = 128
+    d_model: int = 128  # width of the residual stream
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads (must divide d_model)
+    seq_len: int = 128  # tokens per training sequence
     vocab_size: int = 256  # byte-level tokens
     moe_every: int = 1  # every moe_every-th block has an MoE FFN, the others a dense one
     dense_d_ff: Optional[int] = None  # hidden size of dense FFN blocks; null = moe.d_ff
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # rotary embedding base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
 
 
 @dataclass
 class MoEConfig:
     num_experts: int = 8  # 0 = dense baseline (every block a dense SwiGLU FFN)
-    top_k: int = 2
+    top_k: int = 2  # experts per token; k=1 keeps the raw router score (Switch), k>1 renormalises over the k
     d_ff: int = 256  # hidden size of each expert, independent of model.d_model (fine-grained experts: many small ones)
     num_shared_experts: int = 0  # always-on SwiGLU experts of size d_ff beside the routed ones (dense, replicated)
     n_groups: int = 1  # > 1: group-limited routing over this many contiguous expert groups (e.g. = parallel.ep)
@@ -49,9 +49,9 @@ class MoEConfig:
     eval_capacity_factor: Optional[float] = None  # capacity in evaluation only; null = dropless
     min_capacity: int = 0  # each expert keeps at least this many routes per rank when capacity applies
     max_recv_factor: Optional[float] = None  # dropless: fail when an EP rank would receive more than this x the balanced load
-    aux_loss_coef: float = 0.01
+    aux_loss_coef: float = 0.01  # weight of the load-balancing loss E * sum_i f_i P_i (averaged over MoE layers)
     aux_loss_scope: str = "micro_batch"  # micro_batch | global_batch | sequence: what f and P of the aux loss cover
-    z_loss_coef: float = 0.001
+    z_loss_coef: float = 0.001  # weight of the router z-loss mean(logsumexp(logits)^2)
     normalize_top_k: Optional[bool] = None  # null = renormalise over the k chosen when k > 1
     score_func: str = "softmax"  # softmax | sigmoid (DeepSeek-V3: independent scores, renormalised over the k when k > 1)
     route_scale: float = 1.0  # multiplies the combine weights
@@ -72,19 +72,19 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 300  # optimizer steps; the cosine schedule ends here
     batch_size: int = 16  # GLOBAL sequences per optimizer step, whatever the world size
     grad_accum: int = 1  # micro-batches per optimizer step on each rank
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    warmup_steps: int = 30  # linear warmup from lr/warmup_steps to lr
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still measured)
     stop_at: int = 0  # > 0: save a checkpoint and stop after this step (the schedule still follows train.steps)
     skip_nonfinite: int = 0  # steps with a non-finite loss or grad norm that may be skipped; 0 = stop at the first
-    seed: int = 1337
+    seed: int = 1337  # seeds the initialisation (layout-independent) and the data order
     eval_every: int = 100  # 0 = only at the end
     eval_batches: int = 4  # global batches of the validation split per evaluation
     device: str = "auto"  # auto | cpu | cuda
@@ -96,21 +96,21 @@ class DataConfig:
     dataset: str = "stdlib"  # stdlib | files | hf
     path: Optional[str] = None  # files: a text file or a directory of them
     glob: str = "**/*.txt"  # files: which files of a directory
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # share of documents held out for validation (by a hash of each name)
     hf_name: Optional[str] = None  # hf: dataset name or builder ("text", "wikitext", ...)
-    hf_config: Optional[str] = None
-    hf_data_files: Optional[str] = None
-    hf_split: str = "train"
-    hf_text_field: str = "text"
+    hf_config: Optional[str] = None  # hf: the dataset's configuration name
+    hf_data_files: Optional[str] = None  # hf: data files for builders like "text" or "json"
+    hf_split: str = "train"  # hf: the split read (the trainer holds out its own validation share)
+    hf_text_field: str = "text"  # hf: the column holding the text
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
-    log_every: int = 10
+    dir: str = "runs/default"  # output directory: config.yaml, metrics.jsonl, checkpoints/; resumed if it holds a run
+    log_every: int = 10  # steps between lines in metrics.jsonl
     tracker: str = "none"  # none | wandb
-    wandb_project: str = "moe-trainer"
-    name: Optional[str] = None
+    wandb_project: str = "moe-trainer"  # wandb: project name
+    name: Optional[str] = None  # wandb: run name (null = wandb's own)
     progress: bool = True  # tqdm bar on rank 0
     log_expert_counts: bool = False  # also log each MoE layer's routes per expert (expert_counts)
 

@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="data.*, train.eval_batches, train.batch_size, train.device, ... "
                                "(the model's shape comes from the checkpoint)")
     commands.add_parser("config", help="list every config key with its default and meaning")
+    plots = commands.add_parser("report", help="PNG plots of one or more runs (loss, routing, expert load)")
+    plots.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run.dirs; the first gets the PNGs")
+    plots.add_argument("--out", default=None, help="directory for the PNGs (default: the first RUN_DIR)")
     bench = commands.add_parser("bench", help="MoE layer and training-step throughput against references measured "
                                                "in the same run (JSON lines); alone or under torchrun")
     from .bench import add_arguments
@@ -129,13 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in rest if a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command in ("export", "sample") and rest:
+    if args.command in ("export", "sample", "report") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.overrides = [*getattr(args, "overrides", []), *rest]
     if args.command in ("export", "sample", "eval"):
         return _run_offline(args)
     if args.command == "bench":
         return _run_bench(args)
+    if args.command == "report":
+        from .report import ReportError, report
+
+        try:
+            for path in report(args.run_dirs, args.out, lambda line: print(line, file=sys.stderr)):
+                print(f"wrote {path}")
+        except ReportError as e:
+            return _fail(str(e), EXIT_BAD_INPUT)
+        return 0
     if args.command == "config":
         if args.overrides:
             parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")

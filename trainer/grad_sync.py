@@ -143,7 +143,7 @@ class GradSync:
                 for p, synced in zip(bucket.params, _unflatten_dense_tensors(bucket.flat, bucket.params)):
                     p.grad.copy_(synced)
                 bucket.flat, bucket.work, bucket.ready = None, None, 0
-        if self.layout.expert_dp_group is None:  # one replica of each expert: nothing to sum, only the mean
+        if self.layout.expert_dp_group is None and self.expert:  # one replica of each expert: only the mean
             torch._foreach_mul_(_grads(self.expert), 1.0 / self.layout.world_size)
         self._next = 0
 
@@ -164,7 +164,7 @@ class GradSync:
     def clip_(self, max_norm: float) -> torch.Tensor:
         """Scale all gradients so the global norm is at most `max_norm` (0 = measure only)."""
         norm = self.global_norm()
-        if max_norm > 0:
+        if max_norm > 0 and (self.dense or self.expert):
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0).to(torch.float32)
             torch._foreach_mul_(_grads(self.dense + self.expert), coef)
         return norm.float()

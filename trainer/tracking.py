@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, TextIO
 
 import torch
 from tqdm import tqdm
@@ -16,10 +19,49 @@ from tqdm import tqdm
 METRICS_FILE = "metrics.jsonl"
 
 
+_console_log: Optional[TextIO] = None  # set only inside `console_log`, which always resets it
+
+
 def print0(is_main: bool, message: str) -> None:
-    """Print once per run (rank 0), without breaking a progress bar."""
+    """Print once per run (rank 0), without breaking a progress bar; inside `console_log`, the
+    line also goes to the run's train.log."""
     if is_main:
         tqdm.write(message, file=sys.stderr)
+        if _console_log is not None:
+            _console_log.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}\n")
+
+
+@contextmanager
+def console_log(path: Optional[Path]) -> Iterator[None]:
+    """Within the block, rank 0's console lines are appended to `path` (None: nowhere), and an
+    exception that ends the block is written there as the `error:` line the console shows."""
+    global _console_log
+    if path is None:
+        yield
+        return
+    with open(path, "a", buffering=1) as f:
+        _console_log = f
+        try:
+            yield
+        except Exception as e:
+            f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] error: {e}\n")
+            raise
+        finally:
+            _console_log = None
+
+
+def git_commit(path: Path = Path(__file__).parent) -> Optional[str]:
+    """The commit of the checkout this code runs from ("abc1234", "+ changes" when dirty), or None."""
+    try:
+        run = lambda *args: subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
+                                           timeout=10)
+        head = run("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _plain(value: Any) -> Any:

@@ -35,8 +35,8 @@ from .moe.experts import expert_impl_used
 from .parallelize import parallelize
 from .preemption import StopRequest
 from .rundir import RunDirError, RunDirLock, holds_a_run_without_checkpoint
-from .tracking import (METRICS_FILE, RoutingWindow, StepStats, Tracker, eval_record, print0, progress_bar, train_record,
-                       truncate_metrics)
+from .tracking import (METRICS_FILE, RoutingWindow, StepStats, Tracker, console_log, eval_record, git_commit, print0,
+                       progress_bar, train_record, truncate_metrics)
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 
@@ -239,8 +239,10 @@ def train(cfg: Config) -> dict:
     """Run training as configured, resuming from run.dir's latest checkpoint if it has one;
     returns the last logged metrics (on every rank)."""
     layout, corpus, lock, found = start(cfg)
+    run_dir = Path(cfg.run.dir)
     try:
-        return _train(cfg, layout, corpus, Path(cfg.run.dir), found)
+        with console_log(run_dir / "train.log" if layout.is_main else None):  # rank 0 holds the run.dir lock
+            return _train(cfg, layout, corpus, run_dir, found)
     finally:
         shutdown()
         if lock is not None:
@@ -297,6 +299,9 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
     micro = t.batch_size // layout.world_size // t.grad_accum
     n_params = sum(p.numel() for p in tr.model.parameters())
     n_expert = sum(p.numel() for p in tr.grad_sync.expert)
+    commit = git_commit() if layout.is_main else None
+    print0(layout.is_main, f"run: {run_dir} (console in {run_dir / 'train.log'}), code {commit or 'not a git checkout'}, "
+                           f"torch {torch.__version__}")
     print0(layout.is_main, f"data: {corpus.description}")
     compute_dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
     impl = expert_impl_used(cfg.moe.expert_impl, layout.device, compute_dtype, cfg.model.d_model, cfg.moe.d_ff)
@@ -315,7 +320,9 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
         print0(layout.is_main, f"step {step}: checkpoint {path} ({time.perf_counter() - started:.1f}s)")
         return path
 
-    tracker = Tracker(run_dir, layout.is_main, cfg.run.tracker, cfg.run.wandb_project, cfg.run.name, to_dict(cfg))
+    run_info = {"git_commit": commit, "data_fingerprint": corpus.fingerprint, "world_size": layout.world_size}
+    tracker = Tracker(run_dir, layout.is_main, cfg.run.tracker, cfg.run.wandb_project, cfg.run.name,
+                      {**to_dict(cfg), "run_info": run_info})
     bar = progress_bar(t.steps, state.step, layout.is_main and cfg.run.progress)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items()
                  if layout.device.type == "cuda" and k in torch.cuda.get_device_name(layout.device)), None)

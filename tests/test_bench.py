@@ -19,8 +19,8 @@ def records(stdout: str) -> list[dict]:
 @pytest.mark.slow
 def test_bench_layer_and_step_cases_under_torchrun(tmp_path):
     out_file = tmp_path / "bench.jsonl"
-    proc = run_cli(["bench", "--preset", "quick", "--cases", "E8-dropless,cap", "--iters", "2", "--rounds", "2",
-                    "--config", "configs/tiny.yaml", "--steps", "2", "--warmup", "1", "model.n_layers=2",
+    proc = run_cli(["bench", "--preset", "quick", "--cases", "E8-dropless,cap", "--iters", "1", "--rounds", "1",
+                    "--config", "configs/tiny.yaml", "--steps", "1", "--warmup", "1", "model.n_layers=2",
                     "train.batch_size=4", "--out", str(out_file)], nproc=2, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = records(proc.stdout)

@@ -45,14 +45,16 @@ def check_device(cfg: Config) -> None:
 def check_packages_and_data(cfg: Config) -> None:
     d = cfg.data
     if cfg.run.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("run.tracker: wandb is not installed; pip install -e '.[wandb]' or run.tracker=none")
+        raise ConfigError("run.tracker: wandb is not installed; run `bash launch/setup.sh --wandb` "
+                          "(or pip install -e '.[wandb]'), or set run.tracker=none")
     if d.dataset == "hf":
         problem = dataset_script_problem(d.hf_name)
         if problem:
             raise ConfigError(f"data.hf_name: {problem}; dataset scripts run arbitrary code and are refused "
                               "(use data.hf_name=text|json|parquet|csv with data.hf_data_files)")
         if importlib.util.find_spec("datasets") is None:
-            raise ConfigError("data.dataset: hf needs the Hugging Face datasets package; pip install -e '.[hf]'")
+            raise ConfigError("data.dataset: hf needs the Hugging Face datasets package; run "
+                              "`bash launch/setup.sh --hf` (or pip install -e '.[hf]')")
     if d.dataset == "files" and not Path(d.path).expanduser().exists():
         raise ConfigError(f"data.path: {d.path} does not exist")
 

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from .dist import shutdown
 from .moe.collectives import group_rank
 from .moe.experts import SharedExperts, expert_impl_used
 from .moe.layer import MoE
@@ -322,6 +323,7 @@ def run(args, overrides: list[str]) -> int:
     device, group = setup_process_group()
     is_main = group is None or dist.get_rank() == 0
     out = open(args.out, "a") if args.out and is_main else None
+    finished = False
 
     def emit(record: dict) -> None:
         if is_main:
@@ -351,9 +353,9 @@ def run(args, overrides: list[str]) -> int:
                 emit(run_layer_case(case, device, group, args.iters, args.rounds, args.impl, peaks))
         if args.config:
             emit(run_step_case(args.config, overrides, args.steps, args.warmup, device, group))
+        finished = True
     finally:
         if out:
             out.close()
-        if group is not None:
-            dist.destroy_process_group()
+        shutdown(all_ranks_here=finished)
     return 0

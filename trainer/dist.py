@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -130,6 +131,18 @@ def make_layout(cfg: ParallelConfig, device: torch.device) -> Layout:
     return Layout(rank, world_size, local_rank, ep, device, dist.group.WORLD, ep_group, expert_dp_group)
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(all_ranks_here: bool = False, timeout_s: float = 60.0) -> None:
+    """Destroy the process groups. With `all_ranks_here` (a run that ended normally, so every rank
+    is on its way out), first meet through the rendezvous store: a rank that tears gloo down
+    while a peer is still finishing the last collective aborts that peer in C++ ("terminate called
+    without an active exception", seen under load). The store is not the group, so a meeting
+    never touches a collective; it waits at most `timeout_s`."""
+    if not dist.is_initialized():
+        return
+    if all_ranks_here and dist.get_world_size() > 1:
+        store = dist.distributed_c10d._get_default_store()
+        store.add("moe-trainer/finished", 1)
+        deadline = time.monotonic() + timeout_s
+        while store.add("moe-trainer/finished", 0) < dist.get_world_size() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    dist.destroy_process_group()

@@ -240,11 +240,14 @@ def train(cfg: Config) -> dict:
     returns the last logged metrics (on every rank)."""
     layout, corpus, lock, found = start(cfg)
     run_dir = Path(cfg.run.dir)
+    ended_normally = False
     try:
         with console_log(run_dir / "train.log" if layout.is_main else None):  # rank 0 holds the run.dir lock
-            return _train(cfg, layout, corpus, run_dir, found)
+            last = _train(cfg, layout, corpus, run_dir, found)
+        ended_normally = True
+        return last
     finally:
-        shutdown()
+        shutdown(all_ranks_here=ended_normally, timeout_s=cfg.parallel.timeout_s)
         if lock is not None:
             lock.release()
 

@@ -4,9 +4,9 @@
 # torch==2.13.0 on machines without nvidia-smi (the local CPU wheel), otherwise
 # torch>=2.4,<2.14 from the default index (a CUDA build).
 #
-# Usage: launch/setup.sh [--dev] [--wandb] [--hf] [--plot]     (PYTHON=python3.11 to pick the interpreter)
-#   --dev: tests (pytest, matplotlib); --wandb: Weights & Biases; --hf: Hugging Face datasets;
-#   --plot: matplotlib for `python -m trainer report`
+# Usage: launch/setup.sh [--dev] [--wandb] [--hf] [--plot] [--accelerate]     (PYTHON=python3.11 to pick the interpreter)
+#   --dev: tests (pytest, matplotlib, accelerate); --wandb: Weights & Biases; --hf: Hugging Face datasets;
+#   --plot: matplotlib for `python -m trainer report`; --accelerate: launch/accelerate.sh
 # Idempotent: a second run skips the torch install and re-runs the (fast) editable install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +18,9 @@ for arg in "$@"; do
         --wandb) extras+=(wandb) ;;
         --hf) extras+=(hf) ;;
         --plot) extras+=(plot) ;;
+        --accelerate) extras+=(accelerate) ;;
         -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
-        *) echo "setup: unknown option '$arg' (expected --dev, --wandb, --hf, --plot)" >&2; exit 2 ;;
+        *) echo "setup: unknown option '$arg' (expected --dev, --wandb, --hf, --plot, --accelerate)" >&2; exit 2 ;;
     esac
 done
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import statistics
 import sys
 import time
@@ -31,14 +29,14 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .dist import shutdown
+from .config import ParallelConfig
+from .dist import init_world, pick_device, shutdown
 from .moe.collectives import group_rank
-from .moe.experts import SharedExperts, expert_impl_used
+from .moe.experts import SharedExperts, default_init_std, expert_impl_used
 from .moe.layer import MoE
 from .preflight import cpu_bf16_matrix_instructions
 from .stage_timing import STAGES, StageClock, staged_forward_backward, synchronize
 
-SPEC_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense FLOP/s per GPU
 AUX_COEF, Z_COEF = 0.01, 0.001
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -75,18 +73,6 @@ PRESETS: dict[str, list[LayerCase]] = {
 
 
 # ---------------------------------------------------------------------------- environment
-
-def setup_process_group() -> tuple[torch.device, Optional[dist.ProcessGroup]]:
-    """Join torchrun's world (gloo on CPU, NCCL on CUDA); one process needs no group."""
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return device, None
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, dist.group.WORLD
-
 
 def max_over_ranks(value: float, group, device) -> float:
     if group is None:
@@ -162,13 +148,8 @@ def build_pair(case: LayerCase, device: torch.device, group, impl: str, seed: in
     layer.to_empty(device=device)
     dense.to_empty(device=device)
     layer.init_weights(seed)
-    dense.init_weights(seed, 0, *_stds(case))
+    dense.init_weights(seed, 0, *default_init_std(case.d_model, 1))  # as the MoE layer's own init
     return layer, dense
-
-
-def _stds(case: LayerCase) -> tuple[float, float]:
-    std = 1.0 / math.sqrt(case.d_model)
-    return std, std / math.sqrt(2)
 
 
 def run_layer_case(case: LayerCase, device: torch.device, group, iters: int, rounds: int, impl: str,
@@ -252,7 +233,7 @@ def run_step_case(config: str, overrides: list[str], steps: int, warmup: int, de
     from .data import TokenBatches, check_corpus, load_corpus
     from .dist import make_layout
     from .preflight import preflight
-    from .train import build_trainer, lr_at
+    from .train import build_trainer, lr_at, spec_peak_bf16_flops, train_step
 
     world = 1 if group is None else dist.get_world_size(group)
     cfg = load_config(config, [*overrides, f"train.device={device.type}",
@@ -265,8 +246,6 @@ def run_step_case(config: str, overrides: list[str], steps: int, warmup: int, de
     tr = build_trainer(cfg, layout)
     t = cfg.train
     batches = TokenBatches(corpus.train, cfg.model.seq_len, t.batch_size, layout.rank, world, t.seed, True, "train")
-    from .train import train_step
-
     def one(step: int) -> None:
         inputs, targets = batches.batch(step)
         train_step(tr, inputs, targets, lr_at(step, cfg))
@@ -281,8 +260,7 @@ def run_step_case(config: str, overrides: list[str], steps: int, warmup: int, de
     flops_per_token = tr.model.flops_per_token()
     dtype = DTYPES[t.dtype]
     peak = matmul_peak_flops(dtype, device, group)
-    spec = next((v for k, v in SPEC_PEAK_BF16.items() if device.type == "cuda"
-                 and k in torch.cuda.get_device_name(device)), None)
+    spec = spec_peak_bf16_flops(device)
     record = {
         "case": f"step:{config}" + (f" {' '.join(overrides)}" if overrides else ""),
         "dtype": t.dtype,
@@ -320,7 +298,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args, overrides: list[str]) -> int:
-    device, group = setup_process_group()
+    device = pick_device("auto")
+    group = init_world(ParallelConfig(), device)  # torchrun's world (gloo on CPU, NCCL on CUDA); None alone
     is_main = group is None or dist.get_rank() == 0
     out = open(args.out, "a") if args.out and is_main else None
     finished = False

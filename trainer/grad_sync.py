@@ -102,13 +102,13 @@ class GradSync:
                   (id(p) not in is_expert or layout.expert_dp_group is not None)]
         self.buckets = [_Bucket(b, layout.expert_dp_group, "expert") if id(b[0]) in is_expert
                         else _Bucket(b, layout.world_group, "dense")
-                        for b in _buckets(list(dict.fromkeys(synced))[::-1], is_expert, max_numel)]
+                        for b in _buckets(synced[::-1], is_expert, max_numel)]
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._next = 0  # first bucket not yet launched
         self._armed = False
         if self.overlap:
-            for p in (*self.dense, *self.expert):
-                if id(p) in self._bucket_of:
+            for bucket in self.buckets:
+                for p in bucket.params:
                     p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     def expect_backward(self, last_micro_batch: bool) -> None:

@@ -22,9 +22,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .moe.collectives import all_reduce_sum_, group_size
 from .moe.layer import MoE
-from .moe.router import RoutingCounts, balance_losses
 
 STAGES = ("router", "permute", "all_to_all", "experts", "combine")
 
@@ -88,22 +86,17 @@ def staged_forward_backward(layer: MoE, x_TD: torch.Tensor, grad_out_TD: torch.T
     tape = _Tape(clock)
     device_type = x_TD.device.type
     x_TD = x_TD.detach().requires_grad_()
-    router, dispatcher = layer.router, layer.dispatcher
+    dispatcher = layer.dispatcher
 
     def route(x):
-        routing = router(x)
-        counts = RoutingCounts.split(all_reduce_sum_(routing.local_counts, layer.stats_group, layer.where,
-                                                     "all_reduce of routing statistics"))
-        aux, z = balance_losses(routing, counts, group_size(layer.stats_group), router.top_k,
-                                router.aux_loss_scope, router.prev_counts_E)
+        routing, counts, aux, z = layer.route(x)
         return routing.weight_TK, aux * aux_coef + z * z_coef, routing, counts
 
     weight_TK, balance_loss, routing, counts = tape.run("router", route, x_TD)
     routing = replace(routing, weight_TK=weight_TK.detach())  # combine takes the weights from the tape
-    dropless = router.active_capacity_factor is None
     # the layer sends half-width rows under autocast; the cast is part of the permute stage
     half = x_TD if autocast_dtype is None else tape.run("permute", lambda x: x.to(autocast_dtype), x_TD)
-    plan = tape.run("permute", lambda: dispatcher.plan(routing, counts.routed_E if dropless else None))
+    plan = tape.run("permute", lambda: dispatcher.plan(routing, *layer.dispatch_limits(counts)))
     x_RD = tape.run("permute", lambda x: dispatcher.permute(x, plan), half)
     x_recv = tape.run("all_to_all", lambda x: dispatcher.exchange(x, plan), x_RD)
     x_XD = tape.run("permute", lambda x: dispatcher.regroup(x, plan), x_recv)

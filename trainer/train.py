@@ -41,6 +41,14 @@ from .tracking import (METRICS_FILE, RoutingWindow, StepStats, Tracker, console_
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 
 
+def spec_peak_bf16_flops(device: torch.device) -> Optional[float]:
+    """The spec sheet's dense bf16 FLOP/s of this GPU, if it is one we know; else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+
+
 class NonFiniteError(RuntimeError):
     """The loss or gradient norm stopped being finite; the same on every rank."""
 
@@ -327,8 +335,7 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
     tracker = Tracker(run_dir, layout.is_main, cfg.run.tracker, cfg.run.wandb_project, cfg.run.name,
                       {**to_dict(cfg), "run_info": run_info})
     bar = progress_bar(t.steps, state.step, layout.is_main and cfg.run.progress)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items()
-                 if layout.device.type == "cuda" and k in torch.cuda.get_device_name(layout.device)), None)
+    peak = spec_peak_bf16_flops(layout.device)
     tokens_per_step = t.batch_size * S
     last: dict = {}
     window_time, window_steps = 0.0, 0

@@ -46,7 +46,7 @@ def expert_impl_used(impl: str, device: torch.device, dtype: torch.dtype, d_mode
 
     `auto`: grouped GEMM on CUDA where it can run; the loop elsewhere. On CPU, torch's grouped
     GEMM is itself a loop of matmuls and measured no faster than ours (`python -m trainer bench
-    --impl grouped_mm`), while it casts and differentiates every expert's weights in bf16."""
+    --impl grouped_mm`)."""
     if impl == "auto":
         usable = device.type == "cuda" and grouped_mm_problem(device, dtype, d_model, d_ff) is None
         return "grouped_mm" if usable else "loop"

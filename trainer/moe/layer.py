@@ -22,7 +22,7 @@ from torch.distributed import ProcessGroup
 from .collectives import all_reduce_sum_, group_rank, group_size
 from .dispatch import Dispatcher
 from .experts import Experts, SharedExperts, default_init_std
-from .router import Router, RoutingCounts, balance_losses
+from .router import Router, Routing, RoutingCounts, balance_losses
 
 
 @dataclass
@@ -159,25 +159,11 @@ class MoE(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         valid_T = None if valid is None else valid.reshape(-1)
-        offset = token_offset or 0
-        if self.router.noisy and self.training:
-            if token_offset is None:
-                T = x_TD.shape[0]
-                offset = (self.router.noise_calls * group_size(self.stats_group) + group_rank(self.stats_group)) * T
-            self.router.noise_calls += 1
-        routing = self.router(x_TD, valid_T, seq_len=shape[-2] if len(shape) >= 3 else None, token_offset=offset)
-        # the layer's one reduction: routing counts over every rank whose loss the sync averages
-        counts = RoutingCounts.split(all_reduce_sum_(
-            routing.local_counts, self.stats_group, self.where, "all_reduce of routing statistics"))
-        aux_loss, z_loss = balance_losses(routing, counts, group_size(self.stats_group), self.router.top_k,
-                                          self.router.aux_loss_scope, self.router.prev_counts_E)
-        if self.router.counts_steps and self.training and torch.is_grad_enabled():  # only training forwards count
-            self.router.count_step(counts.routed_E)
+        routing, counts, aux_loss, z_loss = self.route(x_TD, valid_T, shape[-2] if len(shape) >= 3 else None,
+                                                       token_offset)
         if torch.is_autocast_enabled(x.device.type):  # send half-width rows, experts run in it anyway
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
-        dropless = self.router.active_capacity_factor is None
-        x_XD, plan = self.dispatcher.dispatch(x_TD, routing, counts.routed_E if dropless else None,
-                                              "training" if self.training else "evaluation")
+        x_XD, plan = self.dispatcher.dispatch(x_TD, routing, *self.dispatch_limits(counts))
         y_XD = self.experts(x_XD, plan.tokens_per_local_expert)
         out_TD = self.dispatcher.combine(y_XD, plan)
         if self.shared_experts is not None:  # every valid token, no routing; padding still gets zero
@@ -190,6 +176,32 @@ class MoE(nn.Module):
             stats=MoEStats(counts.routed_E, counts.dropped, counts.valid_tokens * self.router.top_k,
                            routing.entropy_sum, counts.valid_tokens),
         )
+
+    def route(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None, seq_len: Optional[int] = None,
+              token_offset: Optional[int] = None) -> tuple[Routing, RoutingCounts, torch.Tensor, torch.Tensor]:
+        """The first stage of `forward`: routing, the layer's one reduction of routing statistics,
+        and the balance losses (aux, z). Also used by `trainer.stage_timing`."""
+        offset = token_offset or 0
+        if self.router.noisy and self.training:
+            if token_offset is None:
+                T = x_TD.shape[0]
+                offset = (self.router.noise_calls * group_size(self.stats_group) + group_rank(self.stats_group)) * T
+            self.router.noise_calls += 1
+        routing = self.router(x_TD, valid_T, seq_len=seq_len, token_offset=offset)
+        # the layer's one reduction: routing counts over every rank whose loss the sync averages
+        counts = RoutingCounts.split(all_reduce_sum_(
+            routing.local_counts, self.stats_group, self.where, "all_reduce of routing statistics"))
+        aux_loss, z_loss = balance_losses(routing, counts, group_size(self.stats_group), self.router.top_k,
+                                          self.router.aux_loss_scope, self.router.prev_counts_E)
+        if self.router.counts_steps and self.training and torch.is_grad_enabled():  # only training forwards count
+            self.router.count_step(counts.routed_E)
+        return routing, counts, aux_loss, z_loss
+
+    def dispatch_limits(self, counts: RoutingCounts) -> tuple[Optional[torch.Tensor], str]:
+        """The dispatcher's (global routes per expert, phase): the loads a dropless layer checks
+        against `max_recv_factor` (None under a capacity), and which phase an error names."""
+        dropless = self.router.active_capacity_factor is None
+        return (counts.routed_E if dropless else None), ("training" if self.training else "evaluation")
 
     def init_weights(self, seed: int, std: Optional[float] = None, out_std: Optional[float] = None) -> None:
         """Layout-independent init: router and each global expert from seeds of (seed, layer_id, ...)."""

@@ -89,6 +89,9 @@ class TrainConfig:
     eval_batches: int = 4  # global batches of the validation split per evaluation
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 (autocast; router and losses stay fp32)
+    engine: str = "native"  # native (our gradient sync + AdamW) | deepspeed (DeepSpeed's engine and ZeRO optimizer)
+    zero_stage: int = 0  # deepspeed: ZeRO stage 0, 1 (optimizer state sharded) or 2 (and gradients); 3 is refused
+    deepspeed_config: Optional[str] = None  # deepspeed: a DeepSpeed JSON config merged in; keys the trainer owns are refused
 
 
 @dataclass
@@ -333,6 +336,13 @@ def validate(cfg: Config, world_size: int) -> None:
     _require(t.skip_nonfinite >= 0, "train.skip_nonfinite", f"must be >= 0, got {t.skip_nonfinite}")
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     _choice(t.dtype, "train.dtype", ("fp32", "bf16"))
+    _choice(t.engine, "train.engine", ("native", "deepspeed"))
+    if t.engine == "deepspeed":
+        from .engines.deepspeed_zero import check_deepspeed_settings  # reads train.deepspeed_config
+        check_deepspeed_settings(cfg, world_size)
+    else:
+        _require(t.zero_stage == 0, "train.zero_stage", f"needs train.engine=deepspeed, got {t.zero_stage}")
+        _require(t.deepspeed_config is None, "train.deepspeed_config", "needs train.engine=deepspeed")
 
     _choice(d.dataset, "data.dataset", ("stdlib", "files", "hf"))
     _require(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")

@@ -106,28 +106,32 @@ def _restart_safe_store(timeout: datetime.timedelta) -> Optional[dist.Store]:
     return dist.PrefixStore(f"moe-trainer/attempt_{attempt}/", client)
 
 
+def new_groups(groups_of_ranks: list[list[int]], rank: int, timeout_s: float) -> Optional[ProcessGroup]:
+    """Create one group per list of ranks (a partition of the world); return the one holding `rank`.
+
+    new_group is collective over the world: every rank creates every group, in the same order."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    mine = None
+    for ranks in groups_of_ranks:
+        with named_collective("process-group setup", f"new_group({ranks})"):
+            group = dist.new_group(ranks, timeout=timeout)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
 def make_layout(cfg: ParallelConfig, device: torch.device) -> Layout:
     """Build the EP and expert-data-parallel groups, each with `parallel.timeout_s`."""
     world_size, rank = env_world_size(), env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size == 1:
         return Layout(0, 1, local_rank, cfg.ep, device, None, None, None)
-    timeout = datetime.timedelta(seconds=cfg.timeout_s)
     ep = cfg.ep
-
-    def partition(groups_of_ranks: list[list[int]]) -> Optional[ProcessGroup]:
-        # new_group is collective over the world: every rank creates every group, in the same order
-        mine = None
-        for ranks in groups_of_ranks:
-            with named_collective("process-group setup", f"new_group({ranks})"):
-                group = dist.new_group(ranks, timeout=timeout)
-            if rank in ranks:
-                mine = group
-        return mine
-
-    ep_group = partition([list(range(first, first + ep)) for first in range(0, world_size, ep)]) if ep > 1 else None
+    ep_group = (new_groups([list(range(first, first + ep)) for first in range(0, world_size, ep)], rank, cfg.timeout_s)
+                if ep > 1 else None)
     replicas = world_size // ep
-    expert_dp_group = partition([list(range(pos, world_size, ep)) for pos in range(ep)]) if replicas > 1 else None
+    expert_dp_group = (new_groups([list(range(pos, world_size, ep)) for pos in range(ep)], rank, cfg.timeout_s)
+                       if replicas > 1 else None)
     return Layout(rank, world_size, local_rank, ep, device, dist.group.WORLD, ep_group, expert_dp_group)
 
 

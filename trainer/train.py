@@ -27,6 +27,7 @@ from .checkpoint import (CheckpointError, Found, TrainState, broadcast_found, ch
 from .config import Config, save_config, to_dict
 from .data import Corpus, DataError, TokenBatches, check_corpus, load_corpus
 from .dist import Layout, env_rank, init_world, make_layout, pick_device, shutdown
+from .engines import Engine, NonFiniteError, build_engine
 from .grad_sync import GradSync
 from .model import Transformer
 from .moe import LoadError
@@ -49,10 +50,6 @@ def spec_peak_bf16_flops(device: torch.device) -> Optional[float]:
     return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
 
 
-class NonFiniteError(RuntimeError):
-    """The loss or gradient norm stopped being finite; the same on every rank."""
-
-
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warmup to train.lr, then cosine decay to train.lr * train.min_lr_ratio (step from 0)."""
     t = cfg.train
@@ -61,13 +58,6 @@ def lr_at(step: int, cfg: Config) -> float:
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    vectors = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": cfg.train.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
 
 
 def autocast_context(cfg: Config, device: torch.device):
@@ -94,15 +84,23 @@ class Trainer:
     cfg: Config
     layout: Layout
     model: Transformer
-    optimizer: torch.optim.Optimizer
-    grad_sync: GradSync
+    engine: Engine  # native (GradSync + AdamW) or DeepSpeed: backward, gradient reduction, update
+
+    @property
+    def grad_sync(self) -> GradSync:
+        return self.engine.grad_sync
+
+    @property
+    def optimizer(self):
+        """Per-parameter AdamW state (`.state[param]`), whichever engine holds it."""
+        return self.engine.optimizer_state()
 
 
 def build_trainer(cfg: Config, layout: Layout) -> Trainer:
     model = build_model(cfg, layout)
-    grad_sync = GradSync(model, layout)
-    check_replicas_identical(model, grad_sync.expert, layout.world_group, layout.expert_dp_group)
-    return Trainer(cfg, layout, model, build_optimizer(model, cfg), grad_sync)
+    engine = build_engine(cfg, model, layout)
+    check_replicas_identical(model, engine.grad_sync.expert, layout.world_group, layout.expert_dp_group)
+    return Trainer(cfg, layout, model, engine)
 
 
 @dataclass
@@ -138,14 +136,12 @@ def train_step(tr: Trainer, inputs: torch.Tensor, targets: torch.Tensor, lr: flo
         with autocast_context(cfg, device):
             # the data is rank-major: this micro-batch's first row is global row rank*rows + m*micro
             first_token = (layout.rank * inputs.shape[0] + m * micro) * inputs.shape[1]
-            out = tr.model(inputs[rows].to(device), targets[rows].to(device), lm_tokens=lm_tokens,
-                           token_offset=first_token)
-        tr.grad_sync.expect_backward(last_micro_batch=m == A - 1)  # its gradient all_reduces overlap it
-        (out.loss / A).backward()
+            out = tr.engine.forward(inputs[rows].to(device), targets[rows].to(device), lm_tokens=lm_tokens,
+                                    token_offset=first_token)
+        tr.engine.backward(out.loss, A, last=m == A - 1)
         stats.add(out, A)
 
-    tr.grad_sync.reduce()
-    grad_norm = tr.grad_sync.clip_(cfg.train.grad_clip)
+    grad_norm = tr.engine.reduce_and_clip(cfg.train.grad_clip)  # None: the engine measures it in step()
     # the step's one all_reduce of reported values: losses, the stop flag, router entropy sums
     entropy_L = stats.entropy_L if stats.entropy_L is not None else stats.losses.new_zeros(0)
     reduced = torch.cat([stats.losses, stats.losses.new_tensor([float(stop_requested)]), entropy_L])
@@ -153,19 +149,16 @@ def train_step(tr: Trainer, inputs: torch.Tensor, targets: torch.Tensor, lr: flo
     mean_entropy_L = reduced[5:] / stats.valid_L.clamp(min=1) if stats.valid_L is not None else entropy_L
     # one device-to-host copy for everything the step reports
     routed = stats.routed_LE.flatten().double() if stats.routed_LE is not None else entropy_L
-    host = torch.cat([reduced[:4] / layout.world_size, grad_norm.double().view(1), stats.routing_summary(),
+    measured = grad_norm.double().view(1) if grad_norm is not None else reduced.new_full((1,), math.nan)
+    host = torch.cat([reduced[:4] / layout.world_size, measured, stats.routing_summary(),
                       reduced[4:5], mean_entropy_L, routed]).cpu()
     values = host[:8].tolist()
     losses, norm, routing, stop = values[:4], values[4], values[5:7], values[7] > 0
     n_layers = mean_entropy_L.numel()
     entropy_host_L = host[8:8 + n_layers]
     routed_LE = host[8 + n_layers:].long().view(n_layers, -1) if stats.routed_LE is not None else None
+    norm = tr.engine.step(lr, norm if grad_norm is not None else None, math.isfinite(losses[0]))
     applied = math.isfinite(losses[0]) and math.isfinite(norm)
-    if applied:
-        for group in tr.optimizer.param_groups:
-            group["lr"] = lr
-        tr.optimizer.step()
-    tr.optimizer.zero_grad(set_to_none=True)
     for layer in tr.model.moe_layers:  # once per optimizer step: expert bias, global-batch balance counts
         if layer.router.counts_steps:
             layer.router.finish_step(applied, cfg.moe.expert_bias_rate)
@@ -321,13 +314,14 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
                            f"{n_params / 1e6:.2f}M params ({n_expert / 1e6:.2f}M expert)")
     print0(layout.is_main, f"layout: world {layout.world_size}, ep {layout.ep}, {layout.num_replicas} expert "
                            f"replica(s), device {layout.device}, batch {t.batch_size} x {S} tokens "
-                           f"({micro} per micro-batch x {t.grad_accum} per rank)")
+                           f"({micro} per micro-batch x {t.grad_accum} per rank), engine {tr.engine.name}"
+                           + (f" ZeRO-{t.zero_stage}" if t.engine == "deepspeed" else ""))
 
     def checkpoint(step: int) -> Path:
         done = TrainState(step, train_batches.position_of(step), state.skipped_steps)
         meta = {"config": to_dict(cfg), "data_fingerprint": corpus.fingerprint}
         started = time.perf_counter()
-        path = save_checkpoint(run_dir, done, tr.model, tr.optimizer, layout, meta, cfg.ckpt.keep)
+        path = save_checkpoint(run_dir, done, tr.model, tr.engine.optimizer_state(), layout, meta, cfg.ckpt.keep)
         print0(layout.is_main, f"step {step}: checkpoint {path} ({time.perf_counter() - started:.1f}s)")
         return path
 
@@ -348,7 +342,10 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
                 step_start = time.perf_counter()
                 lr = lr_at(step - 1, cfg)
                 inputs, targets = train_batches.batch(step - 1)
-                result = train_step(tr, inputs, targets, lr, stop.requested)
+                try:
+                    result = train_step(tr, inputs, targets, lr, stop.requested)
+                except NonFiniteError as e:  # raised by an engine that cannot skip a step
+                    raise NonFiniteError(f"step {step}: {e}") from e
                 if not result.applied:
                     state.skipped_steps += 1
                     _count_nonfinite(result, step, state.skipped_steps, t.skip_nonfinite, layout.is_main)

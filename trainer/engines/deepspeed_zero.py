@@ -1,0 +1,256 @@
+"""DeepSpeed's engine with ZeRO stage 0, 1 or 2 over our expert-parallel model (`train.engine=deepspeed`).
+
+Ours: the model and its EP groups, the data, the learning-rate schedule, checkpoints. DeepSpeed's:
+gradient reduction, ZeRO partitioning of optimizer state (stage 1) and of gradients (stage 2), the
+update. Our `GradSync` reduces nothing here, so nothing is reduced twice.
+
+Experts are declared the way DeepSpeed's own MoE layer declares them (`param.allreduce = False`,
+`param.group_name`), the optimizer gets DeepSpeed's MoE parameter groups, and our EP and
+expert-data-parallel groups are registered under that group name. DeepSpeed then sums expert
+gradients over the expert replicas only and divides by the data-parallel world: `grad_sync`'s
+semantics, never an average of different experts over the world.
+
+Gradient norm: ZeRO 1/2 sums each rank's partition over the world, which is the global norm; stage 0's
+`clip_grad_norm_` averages per-rank norms (wrong under EP, DeepSpeed #8475), so there our norm clips.
+Checkpoints are the trainer's own (per-parameter AdamW state, experts under global ids), gathered from
+and scattered back into ZeRO's partitions, so either engine resumes the other at any EP size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import Config, ConfigError
+from ..dist import Layout, new_groups
+from ..grad_sync import GradSync
+from . import NonFiniteError, adamw_param_groups
+
+# DeepSpeed keys the trainer sets itself, and the config keys that own them
+OWNED_KEYS = {
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.batch_size and train.grad_accum",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.lr, train.beta1, train.beta2 and train.weight_decay (the trainer's AdamW)",
+    "scheduler": "train.lr, train.warmup_steps and train.min_lr_ratio",
+    "fp16": "train.dtype (autocast; weights stay fp32)",
+    "bf16": "train.dtype (autocast; weights stay fp32)",
+    "amp": "train.dtype (autocast; weights stay fp32)",
+    "zero_optimization.stage": "train.zero_stage",
+}
+ZERO3_REASON = ("ZeRO-3 partitions every parameter over all ranks, while expert parallelism already shards the "
+                "experts over parallel.ep, and DeepSpeed runs MoE models only with ZeRO stages 0-2")
+
+
+def _user_config(path: Optional[str]) -> dict:
+    if path is None:
+        return {}
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"train.deepspeed_config: {file} is not a file")
+    try:
+        values = json.loads(file.read_text())
+    except ValueError as e:
+        raise ConfigError(f"train.deepspeed_config: {file} is not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"train.deepspeed_config: {file} must hold a JSON object")
+    for key, owner in OWNED_KEYS.items():
+        section, _, name = key.rpartition(".")
+        holder = values.get(section, {}) if section else values
+        if isinstance(holder, dict) and name in holder:
+            raise ConfigError(f"train.deepspeed_config: {file} sets {key}, which the trainer sets from {owner}; "
+                              "remove it from the JSON")
+    zero = values.get("zero_optimization", {})
+    if isinstance(zero, dict) and zero.get("contiguous_gradients") is False:
+        raise ConfigError(f"train.deepspeed_config: {file} sets zero_optimization.contiguous_gradients=false; "
+                          "DeepSpeed needs contiguous gradients for MoE parameter groups")
+    return values
+
+
+def check_deepspeed_settings(cfg: Config, world_size: int) -> None:
+    """One ConfigError naming the key, before any process group exists."""
+    t = cfg.train
+    if t.zero_stage == 3:
+        raise ConfigError(f"train.zero_stage: 3 is refused: {ZERO3_REASON}")
+    if t.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"train.zero_stage: must be 0, 1 or 2, got {t.zero_stage}")
+    if t.skip_nonfinite:
+        raise ConfigError("train.skip_nonfinite: must be 0 with train.engine=deepspeed (DeepSpeed applies an fp32 "
+                          "step it is given; a non-finite one stops the run)")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("train.engine: deepspeed is not installed; run `bash launch/setup.sh --deepspeed`")
+    _user_config(t.deepspeed_config)
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The JSON config handed to `deepspeed.initialize`: the user's file plus the keys the trainer owns."""
+    t = cfg.train
+    values = _user_config(t.deepspeed_config)
+    values.update({
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": t.batch_size // world_size // t.grad_accum,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip if t.zero_stage > 0 else 0.0,  # stage 0: ours clips (see the docstring)
+        "zero_optimization": {**values.get("zero_optimization", {}), "stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,  # the trainer's torch AdamW
+    })
+    values.setdefault("steps_per_print", 2**31 - 1)  # the trainer logs steps
+    return values
+
+
+def _join_world_alone() -> None:
+    """DeepSpeed needs a process group even for one process: a gloo group of one, in memory."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _register_groups(layout: Layout, timeout_s: float) -> str:
+    """Hand DeepSpeed our EP and expert-data-parallel groups (groups of one where ours are None)."""
+    from deepspeed.utils import groups as ds_groups
+
+    world, ep, rank = max(layout.world_size, 1), layout.ep, max(layout.rank, 0)
+    ep_ranks = [list(range(first, first + ep)) for first in range(0, world, ep)]
+    replica_ranks = [list(range(pos, world, ep)) for pos in range(ep)]
+    ep_group = layout.ep_group or new_groups(ep_ranks, rank, timeout_s)
+    replica_group = layout.expert_dp_group or new_groups(replica_ranks, rank, timeout_s)
+    name = f"ep_size_{ep}"
+    ds_groups._EXPERT_PARALLEL_GROUP[name] = ep_group
+    ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = next(r for r in ep_ranks if rank in r)
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = replica_group
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = next(r for r in replica_ranks if rank in r)
+    return name
+
+
+@contextlib.contextmanager
+def _moe_aware_initialize(deepspeed, has_experts: bool):
+    """`deepspeed.initialize`, building an engine that knows the model has MoE layers.
+
+    DeepSpeed recognises only its own MoE class; without `has_moe_layers` its ZeRO optimizer builds
+    no expert partitions and averages expert gradients over the world like dense ones."""
+    original = deepspeed.DeepSpeedEngine
+
+    class MoEAwareEngine(original):
+        def _configure_distributed_model(self, model):
+            super()._configure_distributed_model(model)
+            self.has_moe_layers = has_experts
+
+    deepspeed.DeepSpeedEngine = MoEAwareEngine
+    try:
+        yield deepspeed.initialize
+    finally:
+        deepspeed.DeepSpeedEngine = original
+
+
+class _FullState:
+    """Per-parameter AdamW state (what `checkpoint.optimizer_entries` reads and fills)."""
+
+    def __init__(self):
+        self.state: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
+
+
+class DeepSpeedZero:
+    name = "deepspeed"
+
+    def __init__(self, cfg: Config, model: nn.Module, layout: Layout):
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if layout.device.type == "cuda" else "cpu")
+        import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        _join_world_alone()
+        self.model, self.stage = model, cfg.train.zero_stage
+        self.grad_sync = GradSync(model, layout, overlap=False)  # which parameters are experts; stage 0's norm
+        group_name = _register_groups(layout, cfg.parallel.timeout_s)
+        for p in self.grad_sync.expert:
+            p.allreduce, p.group_name = False, group_name
+        param_groups = adamw_param_groups(model, cfg)
+        if self.grad_sync.expert:
+            param_groups = split_params_into_different_moe_groups_for_optimizer(param_groups)
+        self.adamw = torch.optim.AdamW(param_groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
+        with _moe_aware_initialize(deepspeed, bool(self.grad_sync.expert)) as initialize:
+            self.ds, self.zero, _, _ = initialize(model=model, optimizer=self.adamw,
+                                                  config=deepspeed_config(cfg, max(layout.world_size, 1)))
+
+    def forward(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor, micro_batches: int, last: bool) -> None:
+        self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        if not last:
+            self.ds.step()  # not a boundary: DeepSpeed only counts the micro-batch
+
+    def reduce_and_clip(self, max_norm: float) -> Optional[torch.Tensor]:
+        if self.stage == 0:  # DeepSpeed all_reduced the gradients during the last backward
+            return self.grad_sync.clip_(max_norm)
+        return None  # ZeRO 1/2 measures and clips inside step()
+
+    def step(self, lr: float, norm: Optional[float], loss_is_finite: bool) -> float:
+        for group in self.adamw.param_groups:
+            group["lr"] = lr
+        if not loss_is_finite or (norm is not None and not math.isfinite(norm)):
+            return float("nan") if norm is None else norm  # not applied; the run stops (skip_nonfinite is 0)
+        self.ds.step()
+        if norm is None:
+            norm = float(self.ds.get_global_grad_norm())
+            if not math.isfinite(norm):
+                raise NonFiniteError(f"non-finite gradient norm ({norm}) after DeepSpeed applied the update; the "
+                                     "run stopped and the last checkpoint is intact")
+        return norm
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _adam_step(self) -> Optional[torch.Tensor]:
+        steps = [s["step"] for s in self.adamw.state.values() if "step" in s]
+        return steps[0] if steps else None
+
+    def _link_optimizer_state(self) -> None:
+        """Point each parameter's ZeRO fragment at its slice of AdamW's state. DeepSpeed links once,
+        right after the FIRST parameter group's first step, when the other groups have no state yet,
+        so their fragments stay empty; linking again is cheap (views)."""
+        self.zero._hp_optimizer_states_linked = False
+        self.zero._lazy_init_hp_params_optimizer_state()
+
+    def optimizer_state(self, for_loading: bool = False):
+        if self.stage == 0:
+            return self.adamw  # per-parameter state already
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        view = _FullState()
+        step = self._adam_step()
+        if for_loading or step is None:
+            return view  # checkpoint.optimizer_entries(create=True) fills it
+        self._link_optimizer_state()
+        for p in self.model.parameters():  # collective over each parameter's ZeRO partition group
+            view.state[p] = {"step": step.detach().clone(),
+                             **{m: safe_get_full_optimizer_state(p, m).detach().clone()
+                                for m in ("exp_avg", "exp_avg_sq")}}
+        return view
+
+    def loaded(self, state) -> None:
+        """After a checkpoint was loaded into the model (and `state`): refresh ZeRO's copies."""
+        if self.stage == 0:
+            return
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        self.zero.refresh_fp32_params()  # its fp32 partitions follow the weights just loaded
+        if not state.state:
+            return
+        step = next(iter(state.state.values()))["step"]
+        for flat in self.zero.single_partition_of_fp32_groups:  # AdamW state exists only after a first step
+            self.adamw.state[flat] = {"step": step.detach().clone().float(), "exp_avg": torch.zeros_like(flat),
+                                      "exp_avg_sq": torch.zeros_like(flat)}
+        self._link_optimizer_state()
+        for p, values in state.state.items():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, values[moment], moment)

@@ -48,9 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="print a continuation of a prompt")
     sample.add_argument("path", help="a run.dir, a checkpoint directory or an export")
     sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    sample.add_argument("--tokens", type=int, default=200, help="bytes to generate (default 200)")
+    sample.add_argument("--tokens", type=int, default=200, help="tokens to generate (default 200)")
     sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    sample.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest bytes only")
+    sample.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
     sample.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     evaluate = commands.add_parser("eval", help="print one JSON line with val_loss of a run's newest checkpoint")
     evaluate.add_argument("run_dir", help="a run.dir, a checkpoint directory or an export")
@@ -109,10 +109,12 @@ def _run_offline(args) -> int:
                 return _fail("sample: --tokens and --temperature must be >= 0 and --top-k >= 1", EXIT_BAD_INPUT)
             if not args.prompt:
                 return _fail("sample: --prompt must not be empty (the default is a newline)", EXIT_BAD_INPUT)
-            model, _ = load_model(args.path, "cpu", warn)
+            model, cfg = load_model(args.path, "cpu", warn)
+            from .data import saved_tokenizer
+            tokenizer = saved_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_name, Path(args.path))  # the run's
             generator = torch.Generator().manual_seed(args.seed)
-            new = generate(model, encode(args.prompt), args.tokens, args.temperature, args.top_k, generator)
-            print(args.prompt + decode(new))
+            new = generate(model, encode(args.prompt, tokenizer), args.tokens, args.temperature, args.top_k, generator)
+            print(args.prompt + decode(new, tokenizer))
         else:
             from .export import eval_checkpoint
 

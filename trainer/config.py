@@ -17,7 +17,7 @@ from typing import Any, Optional
 import yaml
 
 
-BYTE_VOCAB = 256  # tokens are bytes
+BYTE_VOCAB = 256  # ids of data.tokenizer=bytes
 
 
 class ConfigError(ValueError):
@@ -96,15 +96,21 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "stdlib"  # stdlib | files | hf
-    path: Optional[str] = None  # files: a text file or a directory of them
-    glob: str = "**/*.txt"  # files: which files of a directory
+    dataset: str = "stdlib"  # stdlib (this Python's own .py sources) | files (data.path) | hf (data.hf_name)
+    path: Optional[str] = None  # files: a file, directory (data.glob) or glob; .txt: a document per file, .jsonl/.parquet: per row
+    glob: str = "**/*.txt"  # files: which files of a directory (e.g. "**/*.jsonl")
+    text_field: str = "text"  # jsonl/parquet/hf: the column holding the text
     val_fraction: float = 0.05  # share of documents held out for validation (by a hash of each name)
-    hf_name: Optional[str] = None  # hf: dataset name or builder ("text", "wikitext", ...)
+    max_documents: int = 0  # > 0: only the first N documents of the corpus (a slice of a large or streamed one)
+    hf_name: Optional[str] = None  # hf: hub dataset, local dataset directory, or builder ("json", "parquet", "text", ...)
     hf_config: Optional[str] = None  # hf: the dataset's configuration name
     hf_data_files: Optional[str] = None  # hf: data files for builders like "text" or "json"
     hf_split: str = "train"  # hf: the split read (the trainer holds out its own validation share)
-    hf_text_field: str = "text"  # hf: the column holding the text
+    streaming: bool = False  # hf: stream the dataset instead of downloading it whole (data.max_documents: a slice)
+    tokenizer: str = "bytes"  # bytes (256 ids) | bpe (trained on the train split; run.dir/tokenizer.json) | pretrained
+    bpe_vocab_size: int = 8192  # bpe: vocabulary size, separator included (model.vocab_size must be >= it)
+    tokenizer_name: Optional[str] = None  # pretrained: a hub repository ("gpt2") or a local tokenizer.json (or its directory)
+    cache_dir: Optional[str] = None  # token shards and BPEs, built once; null = $XDG_CACHE_HOME (or ~/.cache)/moe-trainer
 
 
 @dataclass
@@ -225,10 +231,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config_from_dict(values, overrides)
 
 
+RENAMED_KEYS = {("data", "hf_text_field"): "text_field"}  # old name -> new name, for configs saved before
+
+
+def _renamed_keys(values: dict) -> dict:
+    """`values` with keys renamed since it was saved (a checkpoint's or an older YAML's config)."""
+    values = dict(values)
+    for (section, old), new in RENAMED_KEYS.items():
+        if isinstance(values.get(section), dict) and old in values[section]:
+            values[section] = {(new if k == old else k): v for k, v in values[section].items()}
+    return values
+
+
 def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
     """Defaults, then `values` (a YAML file's, or a checkpoint's `to_dict`), then the overrides."""
     cfg = Config()
-    _merge(cfg, values, "")
+    _merge(cfg, _renamed_keys(values), "")
     for text in overrides:
         parts, value = parse_override(text)
         nested: Any = value
@@ -278,8 +296,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads",
              f"head size d_model/n_heads={m.d_model // m.n_heads} must be even for rotary embeddings")
     _require(m.dense_d_ff is None or m.dense_d_ff >= 1, "model.dense_d_ff", f"must be >= 1, got {m.dense_d_ff}")
-    _require(m.vocab_size >= BYTE_VOCAB, "model.vocab_size",
-             f"tokens are bytes (0-255) for every data.dataset, so it must be >= {BYTE_VOCAB}, got {m.vocab_size}")
+    # model.vocab_size against the tokenizer: below with data.*, or when a pretrained tokenizer loads
 
     _require(e.num_experts >= 0, "moe.num_experts", f"must be >= 0 (0 = dense), got {e.num_experts}")
     if e.num_experts > 0:
@@ -347,9 +364,21 @@ def validate(cfg: Config, world_size: int) -> None:
     _choice(d.dataset, "data.dataset", ("stdlib", "files", "hf"))
     _require(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
     if d.dataset == "files":
-        _require(d.path is not None, "data.path", "data.dataset=files needs data.path (a file or directory)")
+        _require(bool(d.path), "data.path", "data.dataset=files needs data.path (a file, a directory or a glob pattern)")
     if d.dataset == "hf":
-        _require(d.hf_name is not None, "data.hf_name", "data.dataset=hf needs data.hf_name")
+        _require(bool(d.hf_name), "data.hf_name", "data.dataset=hf needs data.hf_name")
+    _require(bool(d.text_field), "data.text_field", "must not be empty")
+    _require(d.max_documents >= 0, "data.max_documents", f"must be >= 0 (0 = all), got {d.max_documents}")
+    _require(d.cache_dir != "", "data.cache_dir", "must not be empty (null = the user's cache directory)")
+    _choice(d.tokenizer, "data.tokenizer", ("bytes", "bpe", "pretrained"))
+    if d.tokenizer == "bpe":
+        _require(d.bpe_vocab_size > BYTE_VOCAB, "data.bpe_vocab_size",
+                 f"must be > {BYTE_VOCAB} (the 256 byte symbols and the document separator), got {d.bpe_vocab_size}")
+    if d.tokenizer == "pretrained":
+        _require(bool(d.tokenizer_name), "data.tokenizer_name", "data.tokenizer=pretrained needs data.tokenizer_name")
+    needed = {"bytes": BYTE_VOCAB, "bpe": d.bpe_vocab_size}.get(d.tokenizer)  # a pretrained one's: once loaded
+    _require(needed is None or m.vocab_size >= needed, "model.vocab_size",
+             f"data.tokenizer={d.tokenizer} has {needed} token ids, so it must be >= {needed}, got {m.vocab_size}")
 
     _require(cfg.ckpt.every >= 0, "ckpt.every", f"must be >= 0 (0 = only at the end), got {cfg.ckpt.every}")
     _require(cfg.ckpt.keep >= 1, "ckpt.keep", f"must be >= 1, got {cfg.ckpt.keep}")

@@ -2,8 +2,9 @@
 the one-process evaluation behind `python -m trainer eval`.
 
 An export directory holds `model.safetensors` (the model's own state dict: experts stacked
-`[E, ...]`, as a one-process model holds them), `config.yaml` (the run's resolved config) and
-`export.json` (which checkpoint it came from). Nothing in it is pickled.
+`[E, ...]`, as a one-process model holds them), `config.yaml` (the run's resolved config),
+`export.json` (which checkpoint it came from) and, for a bpe or pretrained tokenizer, the run's
+`tokenizer.json`. Nothing in it is pickled.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", warn=lambda
 
     `path` is an export (a directory with `model.safetensors`), a run.dir (its newest complete
     checkpoint) or one checkpoint directory. `model(tokens_BS)` returns an output whose
-    `.logits` are `[B, S, vocab]`; tokens are bytes."""
+    `.logits` are `[B, S, vocab]`; tokens are the run's tokenizer's ids (bytes by default)."""
     model, cfg, _, _ = _load(Path(path), torch.device(device), warn)
     return model, cfg
 
@@ -122,6 +123,10 @@ def export(run_dir: str | Path, out_dir: str | Path, warn=lambda line: None) -> 
     info = {"step": found.step, "checkpoint": str(found.path.resolve()), "saved_with": found.layout,
             "parameters": sum(t.numel() for t in weights.values())}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    from .data import save_tokenizer, saved_tokenizer
+
+    # a bpe or pretrained run's tokenizer.json travels with its weights (eval and sample read it there)
+    save_tokenizer(saved_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_name, Path(run_dir)), out, replace=True)
     return found, out / EXPORT_WEIGHTS
 
 
@@ -130,13 +135,17 @@ def eval_checkpoint(path: str | Path, overrides: list[str], warn=lambda line: No
     configured corpus or the one the overrides name (`data.path=...`, `train.eval_batches=...`).
     The device is `auto` (CUDA if present) unless `train.device=` says otherwise."""
     from .config import validate
-    from .data import TokenBatches, check_corpus, load_corpus
+    from .data import TokenBatches, check_corpus, load_corpus, saved_tokenizer
     from .dist import pick_device
 
     fixed = next((o for o in overrides if o.startswith(("model.", "moe."))), None)
     if fixed is not None:
         raise ConfigError(f"{fixed.split('=')[0]}: eval uses the model the checkpoint holds; model.* and moe.* "
                           "keys cannot be overridden")
+    fixed = next((o for o in overrides if o.startswith(("data.tokenizer", "data.bpe_vocab_size"))), None)
+    if fixed is not None:
+        raise ConfigError(f"{fixed.split('=')[0]}: eval reads text with the run's own tokenizer; data.tokenizer, "
+                          "data.tokenizer_name and data.bpe_vocab_size cannot be overridden")
     requested = config_from_dict({}, overrides)  # the overrides alone, checked like any
     if requested.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda was asked for but torch.cuda.is_available() is False")
@@ -144,7 +153,8 @@ def eval_checkpoint(path: str | Path, overrides: list[str], warn=lambda line: No
     model, trained_cfg, step, source = _load(Path(path), device, warn)
     cfg = config_from_dict(to_dict(trained_cfg), ["train.device=auto", *overrides, "parallel.ep=1"])
     validate(cfg, 1)
-    corpus = load_corpus(cfg.data)
+    tokenizer = saved_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_name, Path(path))  # the run's, not a new one
+    corpus = load_corpus(cfg.data, tokenizer=tokenizer)
     check_corpus(corpus, cfg.model.vocab_size, cfg.model.seq_len)
     batches = TokenBatches(corpus.val, cfg.model.seq_len, cfg.train.batch_size, 0, 1, cfg.train.seed, False, "val")
     val_loss = evaluate(model, cfg, one_process_layout(device), batches)

@@ -1,11 +1,14 @@
-"""Sampling a continuation from a trained model (`python -m trainer sample`). Tokens are bytes."""
+"""Sampling a continuation from a trained model (`python -m trainer sample`), in the ids of the
+run's tokenizer (`trainer.data.saved_tokenizer`: bytes, or the run's tokenizer.json)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
+from .data import BYTES, Tokenizer
 from .model import Transformer
 
 
@@ -33,9 +36,12 @@ def generate(model: Transformer, prompt_S: torch.Tensor, new_tokens: int, temper
     return tokens_S[len(prompt_S):]
 
 
-def encode(text: str) -> torch.Tensor:
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)
+def encode(text: str, tokenizer: Optional[Tokenizer] = None) -> torch.Tensor:
+    """Token ids (1-D int64) of `text` with the run's tokenizer (default: bytes)."""
+    return torch.from_numpy((tokenizer or BYTES).encode(text).astype(np.int64))
 
 
-def decode(tokens: torch.Tensor) -> str:
-    return bytes(min(int(t), 255) for t in tokens.tolist()).decode("utf-8", errors="replace")
+def decode(tokens: torch.Tensor, tokenizer: Optional[Tokenizer] = None) -> str:
+    """Text of token ids with the run's tokenizer (default: bytes); ids beyond its vocabulary are dropped
+    (bytes: read as 255)."""
+    return (tokenizer or BYTES).decode(tokens.tolist())

@@ -8,6 +8,7 @@ is one `ConfigError` naming the key, raised identically on every rank.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ def check_packages_and_data(cfg: Config) -> None:
         if importlib.util.find_spec("datasets") is None:
             raise ConfigError("data.dataset: hf needs the Hugging Face datasets package; run "
                               "`bash launch/setup.sh --hf` (or pip install -e '.[hf]')")
-    if d.dataset == "files" and not Path(d.path).expanduser().exists():
+    if d.dataset == "files" and not glob.has_magic(d.path) and not Path(d.path).expanduser().exists():
         raise ConfigError(f"data.path: {d.path} does not exist")
 
 

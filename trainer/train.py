@@ -25,7 +25,7 @@ from .checkpoint import (CheckpointError, Found, TrainState, broadcast_found, ch
                          expected_model_shapes, latest_checkpoint, load_checkpoint, remove_dead_saves,
                          save_checkpoint)
 from .config import Config, save_config, to_dict
-from .data import Corpus, DataError, TokenBatches, check_corpus, load_corpus
+from .data import Corpus, DataError, TokenBatches, check_corpus, load_corpus, save_tokenizer
 from .dist import Layout, env_rank, init_world, make_layout, pick_device, shutdown
 from .engines import Engine, NonFiniteError, build_engine
 from .grad_sync import GradSync
@@ -219,7 +219,7 @@ def start(cfg: Config) -> tuple[Layout, Corpus, Optional[RunDirLock], Optional[F
             problem = str(e)
     if problem is None:
         try:
-            corpus = load_corpus(cfg.data)
+            corpus = load_corpus(cfg.data, Path(cfg.run.dir), cfg.parallel.timeout_s)
             check_corpus(corpus, cfg.model.vocab_size, cfg.model.seq_len)
         except DataError as e:
             problem = str(e)
@@ -290,6 +290,7 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
     state = _resume(tr, found, corpus)
     if layout.is_main:
         save_config(cfg, run_dir / "config.yaml")
+        save_tokenizer(corpus.tokenizer, run_dir)  # bpe, pretrained: run.dir/tokenizer.json, which a resume reads
     last_step = min(t.steps, t.stop_at) if t.stop_at else t.steps
     if state.step >= last_step:
         limit = f"train.stop_at={t.stop_at}" if last_step < t.steps else f"train.steps={t.steps}"
@@ -307,6 +308,7 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
     print0(layout.is_main, f"run: {run_dir} (console in {run_dir / 'train.log'}), code {commit or 'not a git checkout'}, "
                            f"torch {torch.__version__}")
     print0(layout.is_main, f"data: {corpus.description}")
+    print0(layout.is_main, f"tokens: {corpus.cache}")
     compute_dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
     impl = expert_impl_used(cfg.moe.expert_impl, layout.device, compute_dtype, cfg.model.d_model, cfg.moe.d_ff)
     print0(layout.is_main, f"model: {cfg.model.n_layers} layers, {len(tr.model.moe_layers)} MoE, "
@@ -325,7 +327,9 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
         print0(layout.is_main, f"step {step}: checkpoint {path} ({time.perf_counter() - started:.1f}s)")
         return path
 
-    run_info = {"git_commit": commit, "data_fingerprint": corpus.fingerprint, "world_size": layout.world_size}
+    run_info = {"git_commit": commit, "data_fingerprint": corpus.fingerprint, "world_size": layout.world_size,
+                "corpus_fingerprint": corpus.corpus_fingerprint, "tokenizer": corpus.tokenizer.description,
+                "tokenizer_fingerprint": corpus.tokenizer.fingerprint}
     tracker = Tracker(run_dir, layout.is_main, cfg.run.tracker, cfg.run.wandb_project, cfg.run.name,
                       {**to_dict(cfg), "run_info": run_info})
     bar = progress_bar(t.steps, state.step, layout.is_main and cfg.run.progress)

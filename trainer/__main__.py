@@ -1,5 +1,6 @@
 """CLI: `python -m trainer train|check CONFIG.yaml [key=value ...]`, alone or under torchrun;
-`export RUN_DIR OUT_DIR`, `sample RUN_DIR_OR_EXPORT`, `eval RUN_DIR [key=value ...]` in one process;
+`export RUN_DIR OUT_DIR [--format native|hf]`, `sample RUN_DIR_OR_EXPORT`, `eval RUN_DIR [key=value ...]`
+in one process;
 `bench [--preset NAME] [--config CONFIG key=value ...]`, alone or under torchrun.
 
 Errors are one line on stderr. An error that is the same on every rank (a bad config, an
@@ -44,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
                              help="world size the run will have (default: $WORLD_SIZE, else 1)")
     export = commands.add_parser("export", help="write a run's newest checkpoint (any EP size) as safetensors")
     export.add_argument("run_dir", help="a run.dir (its newest complete checkpoint) or one checkpoint directory")
-    export.add_argument("out_dir", help="directory for model.safetensors, config.yaml and export.json")
+    export.add_argument("out_dir", help="directory for model.safetensors, config.yaml and export.json "
+                                        "(--format hf: model.safetensors and config.json)")
+    export.add_argument("--format", choices=("native", "hf"), default="native",
+                        help="native: our state dict (default); hf: a Hugging Face transformers Mixtral checkpoint")
     sample = commands.add_parser("sample", help="print a continuation of a prompt")
     sample.add_argument("path", help="a run.dir, a checkpoint directory or an export")
     sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
@@ -97,11 +101,16 @@ def _run_offline(args) -> int:
 
     try:
         if args.command == "export":
-            from .export import export
+            if args.format == "hf":
+                from .hf_mixtral import export_hf as export
+            else:
+                from .export import export
 
             found, weights = export(args.run_dir, args.out_dir, warn)
-            print(f"exported step {found.step} (saved with {found.layout}) to {weights}")
+            kind = " as a Hugging Face Mixtral" if args.format == "hf" else ""
+            print(f"exported step {found.step} (saved with {found.layout}){kind} to {weights}")
         elif args.command == "sample":
+            from .data import saved_tokenizer
             from .export import load_model
             from .generate import decode, encode, generate
 
@@ -110,7 +119,6 @@ def _run_offline(args) -> int:
             if not args.prompt:
                 return _fail("sample: --prompt must not be empty (the default is a newline)", EXIT_BAD_INPUT)
             model, cfg = load_model(args.path, "cpu", warn)
-            from .data import saved_tokenizer
             tokenizer = saved_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_name, Path(args.path))  # the run's
             generator = torch.Generator().manual_seed(args.seed)
             new = generate(model, encode(args.prompt, tokenizer), args.tokens, args.temperature, args.top_k, generator)

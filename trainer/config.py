@@ -131,6 +131,11 @@ class CheckpointConfig:
 
 
 @dataclass
+class InitConfig:
+    from_hf: Optional[str] = None  # fresh run starts from this local HF Mixtral dir (any EP size); resume ignores it
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -139,6 +144,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -382,5 +388,7 @@ def validate(cfg: Config, world_size: int) -> None:
 
     _require(cfg.ckpt.every >= 0, "ckpt.every", f"must be >= 0 (0 = only at the end), got {cfg.ckpt.every}")
     _require(cfg.ckpt.keep >= 1, "ckpt.keep", f"must be >= 1, got {cfg.ckpt.keep}")
-    _choice(r.tracker, "run.tracker", ("none", "wandb"))
+    _choice(r.tracker, "run.tracker", ("none", "wandb", "tensorboard"))
     _require(bool(r.dir), "run.dir", "must not be empty")
+    # init.from_hf is read (path, config.json, shapes) at start-up, on fresh runs only: a resumed run ignores it
+    _require(cfg.init.from_hf != "", "init.from_hf", "must not be empty (null = random initialisation)")

@@ -270,9 +270,17 @@ def _resume(tr: Trainer, found: Optional[Found], corpus: Corpus) -> TrainState:
     """Load `found` (if any) into the trainer and say where the run continues from."""
     cfg, layout = tr.cfg, tr.layout
     if found is None:
+        if cfg.init.from_hf is not None:  # a fresh run starts from a Hugging Face Mixtral checkpoint
+            from .hf_mixtral import init_from_hf
+            print0(layout.is_main, init_from_hf(tr.model, cfg.init.from_hf, cfg))
+            tr.engine.loaded(tr.engine.optimizer_state(for_loading=True))  # the engine's copies (ZeRO) follow
         return TrainState()
+    if cfg.init.from_hf is not None:
+        print0(layout.is_main, f"init.from_hf={cfg.init.from_hf} is ignored: run.dir holds a checkpoint, resume wins")
     started = time.perf_counter()
-    state = load_checkpoint(found, tr.model, tr.optimizer, layout)
+    optimizer_state = tr.engine.optimizer_state(for_loading=True)
+    state = load_checkpoint(found, tr.model, optimizer_state, layout)
+    tr.engine.loaded(optimizer_state)
     print0(layout.is_main, f"resuming from {found.path} (step {state.step}), saved with {found.layout}; "
                            f"now world {layout.world_size}, ep {layout.ep} (loaded in {time.perf_counter() - started:.1f}s)")
     changes = _describe_changes(found, cfg)

@@ -28,7 +28,7 @@ BAD = [
     (["train.batch_size=6", "parallel.ep=1"], 4, "train.batch_size"),
     (["train.grad_accum=3"], 2, "train.grad_accum"),
     (["model.n_heads=5"], 2, "model.n_heads"),
-    (["run.tracker=tensorboard"], 2, "run.tracker"),
+    (["run.tracker=mlflow"], 2, "run.tracker"),
     (["train"], 2, "train"),
 ]
 

@@ -117,7 +117,7 @@ class DataConfig:
 class RunConfig:
     dir: str = "runs/default"  # output directory: config.yaml, metrics.jsonl, checkpoints/; resumed if it holds a run
     log_every: int = 10  # steps between lines in metrics.jsonl
-    tracker: str = "none"  # none | wandb
+    tracker: str = "none"  # none | wandb | tensorboard (metrics.jsonl is always written)
     wandb_project: str = "moe-trainer"  # wandb: project name
     name: Optional[str] = None  # wandb: run name (null = wandb's own)
     progress: bool = True  # tqdm bar on rank 0

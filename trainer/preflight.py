@@ -48,6 +48,9 @@ def check_packages_and_data(cfg: Config) -> None:
     if cfg.run.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("run.tracker: wandb is not installed; run `bash launch/setup.sh --wandb` "
                           "(or pip install -e '.[wandb]'), or set run.tracker=none")
+    if cfg.run.tracker == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("run.tracker: tensorboard is not installed; run `bash launch/setup.sh --tensorboard` "
+                          "(or pip install -e '.[tensorboard]'), or set run.tracker=none")
     if d.dataset == "hf":
         problem = dataset_script_problem(d.hf_name)
         if problem:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, TextIO
 
 import torch
+import yaml
 from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -189,46 +191,72 @@ def eval_record(step: int, val_loss: float) -> dict:
 
 
 class Tracker:
-    """Rank 0 writes one JSON object per logged step; other ranks do nothing."""
+    """Rank 0 writes one JSON object per logged step to metrics.jsonl, and to wandb or tensorboard
+    when `run.tracker` asks; other ranks do nothing."""
 
     def __init__(self, run_dir: Path, is_main: bool, tracker: str, project: str, name: Optional[str],
                  config: dict):
         self.is_main = is_main
         self._file = None
         self._wandb = None
+        self._tensorboard = None
         if not is_main:
             return
         self._file = open(run_dir / METRICS_FILE, "a", buffering=1)
         if tracker == "wandb":
             self._wandb = _start_wandb(run_dir, project, name, config)
+        elif tracker == "tensorboard":
+            self._tensorboard = _start_tensorboard(run_dir, config)
 
     def log(self, metrics: dict) -> None:
         if not self.is_main:
             return
         record = {k: _plain(v) for k, v in metrics.items()}
         self._file.write(json.dumps(record) + "\n")
+        # numbers only: per-expert count lists stay in metrics.jsonl, not as many tracker keys
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self._wandb is not None:
-            # numbers only: per-expert count lists stay in metrics.jsonl, not as many wandb keys
-            scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
             self._wandb.log(scalars, step=record["step"])
+        if self._tensorboard is not None:
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(key, value, global_step=record["step"])
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
 
 def _start_wandb(run_dir: Path, project: str, name: Optional[str], config: dict):
     try:
         import wandb
     except ImportError:
-        raise RuntimeError("run.tracker=wandb needs the wandb package: pip install -e '.[wandb]'") from None
+        raise RuntimeError("run.tracker=wandb needs the wandb package: run `bash launch/setup.sh --wandb`") from None
     has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
     if "WANDB_MODE" not in os.environ and not has_key:
         os.environ["WANDB_MODE"] = "offline"
         print0(True, f"wandb: no API key found, logging offline under {run_dir}/wandb (upload later with `wandb sync`)")
-    return wandb.init(project=project, name=name, dir=str(run_dir), config=config)
+    # one wandb run per run.dir: a resumed run continues it instead of starting another
+    id_file = run_dir / "wandb_id.txt"
+    if not id_file.is_file():
+        id_file.write_text(secrets.token_hex(4) + "\n")  # wandb run ids are lower-case letters and digits
+    return wandb.init(project=project, name=name, dir=str(run_dir), config=config, id=id_file.read_text().strip(),
+                      resume="allow")
+
+
+def _start_tensorboard(run_dir: Path, config: dict):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RuntimeError("run.tracker=tensorboard needs the tensorboard package: run "
+                           "`bash launch/setup.sh --tensorboard`") from None
+    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```")
+    print0(True, f"tensorboard: logging under {run_dir / 'tensorboard'} (view with `tensorboard --logdir {run_dir}`)")
+    return writer
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:

@@ -4,23 +4,31 @@
 # torch==2.13.0 on machines without nvidia-smi (the local CPU wheel), otherwise
 # torch>=2.4,<2.14 from the default index (a CUDA build).
 #
-# Usage: launch/setup.sh [--dev] [--wandb] [--hf] [--plot] [--accelerate]     (PYTHON=python3.11 to pick the interpreter)
-#   --dev: tests (pytest, matplotlib, accelerate); --wandb: Weights & Biases; --hf: Hugging Face datasets;
-#   --plot: matplotlib for `python -m trainer report`; --accelerate: launch/accelerate.sh
+# Usage: launch/setup.sh [--dev] [--wandb] [--hf] [--tensorboard] [--plot] [--accelerate] [--deepspeed]
+#   (PYTHON=python3.11 to pick the interpreter)
+#   --dev: everything the tests exercise (all of the below, pytest, transformers for the HF export check)
+#   --wandb: Weights & Biases; --hf: Hugging Face datasets and tokenizers; --tensorboard: run.tracker=tensorboard;
+#   --plot: matplotlib for `python -m trainer report`; --accelerate: launch/accelerate.sh;
+#   --deepspeed: train.engine=deepspeed (built from source without build isolation, DS_BUILD_OPS=0, against
+#   the torch installed here; on CPU machines its shared-memory comm op is compiled once, here)
 # Idempotent: a second run skips the torch install and re-runs the (fast) editable install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=()
+deepspeed=0
 for arg in "$@"; do
     case "$arg" in
-        --dev) extras+=(dev) ;;
+        --dev) extras+=(dev); deepspeed=1 ;;
         --wandb) extras+=(wandb) ;;
         --hf) extras+=(hf) ;;
+        --tensorboard) extras+=(tensorboard) ;;
         --plot) extras+=(plot) ;;
         --accelerate) extras+=(accelerate) ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
-        *) echo "setup: unknown option '$arg' (expected --dev, --wandb, --hf, --plot, --accelerate)" >&2; exit 2 ;;
+        --deepspeed) extras+=(deepspeed); deepspeed=1 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) echo "setup: unknown option '$arg' (expected --dev, --wandb, --hf, --tensorboard, --plot, --accelerate," \
+                "--deepspeed)" >&2; exit 2 ;;
     esac
 done
 
@@ -37,6 +45,17 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
         # pinned: pip's config on our CPU machines points at a local CPU wheel of this version;
         # an unpinned torch would pull several GB of CUDA packages
         "$py" -m pip install -q "torch==2.13.0"
+    fi
+fi
+
+if ((deepspeed)) && ! "$py" -c "import deepspeed" >/dev/null 2>&1; then
+    # from source against the torch above: build isolation would fetch another (CUDA) torch to build with
+    "$py" -m pip install -q setuptools wheel
+    DS_BUILD_OPS=0 "$py" -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
+    if ! command -v nvidia-smi >/dev/null 2>&1; then
+        # DeepSpeed's CPU backend compiles this op at its first run (about a minute); do it once, now
+        DS_ACCELERATOR=cpu "$py" -c "from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" >/dev/null
     fi
 fi
 

@@ -2,7 +2,8 @@
 # Run the trainer on NPROC processes of this machine under `accelerate launch` (Hugging Face
 # accelerate), for users whose jobs already go through accelerate: it sets up the same
 # torch.distributed environment as torchrun, and the per-step losses equal torchrun's
-# (tests/test_accelerate.py). On GPUs add --gpu; without it the run is on CPU (gloo).
+# (tests/test_accelerate.py). On GPUs add --gpu; without it the run is on CPU (gloo), unless your
+# overrides say otherwise (they come after the CPU defaults).
 #
 # Usage: [NPROC=2] launch/accelerate.sh [--gpu] CONFIG [key=value ...]
 #   needs `bash launch/setup.sh --accelerate` (or --dev)
@@ -30,8 +31,8 @@ if ! "$python" -c "import accelerate" >/dev/null 2>&1; then
 fi
 
 # validate the config on this machine first: a typo is one line, not a launcher's failure report
-"$python" -m trainer check "$@" "${device[@]}" --nproc "$NPROC" >/dev/null
+"$python" -m trainer check "$1" "${device[@]}" "${@:2}" --nproc "$NPROC" >/dev/null
 
 # --multi_gpu selects accelerate's multi-process launcher (torch.distributed), also on CPU
 exec "$python" -m accelerate.commands.launch --multi_gpu --num_processes "$NPROC" --num_machines 1 \
-    -m trainer train "$@" "${device[@]}"
+    -m trainer train "$1" "${device[@]}" "${@:2}"

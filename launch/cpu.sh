@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Run the trainer on NPROC CPU processes of this machine (gloo), via torchrun --standalone.
+# When: no GPU, or trying a config out on a laptop; the main job (configs/tiny.yaml) and CI run this way.
+# parallel.backend=gloo and train.device=cpu come before your overrides, so yours win.
 #
 # Usage: [NPROC=2] launch/cpu.sh CONFIG [key=value ...]
 #   e.g. launch/cpu.sh configs/tiny.yaml train.steps=100 run.dir=runs/x
@@ -22,7 +24,7 @@ if [[ -x .venv/bin/torchrun ]]; then torchrun=.venv/bin/torchrun; else torchrun=
 if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
 
 # validate the config on this machine first: a typo is one line, not torchrun's failure report
-"$python" -m trainer check "$@" parallel.backend=gloo train.device=cpu --nproc "$NPROC" >/dev/null
+"$python" -m trainer check "$1" parallel.backend=gloo train.device=cpu "${@:2}" --nproc "$NPROC" >/dev/null
 
 exec "$torchrun" --standalone --nproc-per-node "$NPROC" \
-    -m trainer train "$@" parallel.backend=gloo train.device=cpu
+    -m trainer train "$1" parallel.backend=gloo train.device=cpu "${@:2}"

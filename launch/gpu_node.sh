@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Run the trainer on all GPUs of this node (NCCL), via torchrun --standalone.
+# When: one machine with GPUs; experts are sharded over them with parallel.ep.
 #
 # Usage: [NPROC=<gpus>] launch/gpu_node.sh CONFIG [key=value ...]
 #   e.g. launch/gpu_node.sh configs/gpu.yaml run.dir=runs/x

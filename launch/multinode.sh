@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Multi-node launch: run this once on every node; torchrun's c10d rendezvous at
 # MASTER_ADDR:MASTER_PORT joins them into one job.
+# When: several GPU nodes without a scheduler (or from inside one, as launch/slurm.sbatch does).
 #
 # Usage: NNODES=2 MASTER_ADDR=node0 [NPROC_PER_NODE=8] [MASTER_PORT=29500] [RDZV_ID=moe-trainer] \
 #            launch/multinode.sh CONFIG [key=value ...]

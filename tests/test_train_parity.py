@@ -84,12 +84,13 @@ def test_expert_bias_balancing_is_the_same_on_every_layout(tmp_path):
                                          ("global_batch", ["moe.router_jitter=0.2", "moe.noisy_topk=true"])],
                          ids=["sequence", "global_batch+noise"])  # noise keeps step 1's aux at exactly 1
 def test_balance_scope_is_the_same_objective_for_any_world_size_and_accumulation(tmp_path, scope, extra):
-    """(2 processes, 1 micro-batch) == (1 process, 2 micro-batches) == (4 processes ep=4, 2 micro-batches)
+    """(2 processes, 1 micro-batch) == (1 process, 2 micro-batches) == (4 processes ep=4, 2 micro-batches; sequence scope)
     == (1 process, 1 micro-batch)."""
     strong_aux = ["moe.aux_loss_coef=0.5", "train.steps=5", f"moe.aux_loss_scope={scope}", *extra]
     runs = {"w2 a1": train_run(tmp_path, f"{scope}-w2", 2, 2, strong_aux),
-            "w1 a2": train_run(tmp_path, f"{scope}-a2", 1, 1, [*strong_aux, "train.grad_accum=2"]),
-            "w4 ep4 a2": train_run(tmp_path, f"{scope}-w4", 4, 4, [*strong_aux, "train.grad_accum=2"])}
+            "w1 a2": train_run(tmp_path, f"{scope}-a2", 1, 1, [*strong_aux, "train.grad_accum=2"])}
+    if scope == "sequence":  # 4 processes on 2 cores are slow: both at once for one scope
+        runs["w4 ep4 a2"] = train_run(tmp_path, f"{scope}-w4", 4, 4, [*strong_aux, "train.grad_accum=2"])
     reference = train_run(tmp_path, f"{scope}-w1", 1, 1, strong_aux)
     if scope == "global_batch":  # no previous step: f is uniform, the aux loss exactly 1
         assert reference[0]["aux_loss"] == pytest.approx(1.0, abs=1e-6)

@@ -30,11 +30,14 @@ if ! "$python" -c "import deepspeed" >/dev/null 2>&1; then
     exit 2
 fi
 
-# validate the config on this machine first: a typo is one line, not a launcher's failure report
-"$python" -m trainer check "$1" "${device[@]}" "${@:2}" train.engine=deepspeed --nproc "$NPROC" >/dev/null
-
 hosts=()
-if [[ -n "${HOSTFILE:-}" ]]; then hosts=(--hostfile "$HOSTFILE"); fi
+if [[ -n "${HOSTFILE:-}" ]]; then
+    hosts=(--hostfile "$HOSTFILE")
+else
+    # validate the config on this machine first: a typo is one line, not a launcher's failure report
+    # (with a hostfile the world size is the hostfile's; every rank validates at start-up anyway)
+    "$python" -m trainer check "$1" "${device[@]}" "${@:2}" train.engine=deepspeed --nproc "$NPROC" >/dev/null
+fi
 # --no_local_rank: the trainer reads LOCAL_RANK from the environment, not a --local_rank argument
 exec "$python" -m deepspeed.launcher.runner "${hosts[@]}" --num_gpus "$NPROC" --no_local_rank \
     --module trainer train "$1" "${device[@]}" "${@:2}" train.engine=deepspeed

@@ -51,7 +51,7 @@ fi
 if ((deepspeed)) && ! "$py" -c "import deepspeed" >/dev/null 2>&1; then
     # from source against the torch above: build isolation would fetch another (CUDA) torch to build with
     "$py" -m pip install -q setuptools wheel
-    DS_BUILD_OPS=0 "$py" -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
+    DS_BUILD_OPS=0 "$py" -m pip install -q --no-build-isolation "deepspeed>=0.19,<0.20"
     if ! command -v nvidia-smi >/dev/null 2>&1; then
         # DeepSpeed's CPU backend compiles this op at its first run (about a minute); do it once, now
         DS_ACCELERATOR=cpu "$py" -c "from deepspeed.accelerator import get_accelerator

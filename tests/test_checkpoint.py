@@ -50,22 +50,22 @@ def _mark_and_save(rank, world_size, run_dir, ep):
     cfg = small_config(ep)
     layout = make_layout(cfg.parallel, CPU)
     tr = build_trainer(cfg, layout)
-    optimizer_entries(tr.model, tr.optimizer, create=True)  # AdamW state, as after a first step
+    optimizer_entries(tr.model, tr.engine.optimizer, create=True)  # AdamW state, as after a first step
     with torch.no_grad():
         for layer, experts in expert_modules(tr.model):
             for t, name in enumerate(EXPERT_TENSORS):
                 param = getattr(experts, name)
-                state = tr.optimizer.state[param]
+                state = tr.engine.optimizer.state[param]
                 for local, e in enumerate(experts.global_expert_ids):
                     param[local].fill_(mark(layer, e, t, 0))
                     state["exp_avg"][local].fill_(mark(layer, e, t, 1))
                     state["exp_avg_sq"][local].fill_(mark(layer, e, t, 2))
         for param in tr.grad_sync.dense:
             param.fill_(0.5)
-            tr.optimizer.state[param]["exp_avg"].fill_(0.25)
+            tr.engine.optimizer.state[param]["exp_avg"].fill_(0.25)
         for param in tr.model.parameters():
-            tr.optimizer.state[param]["step"].fill_(7)
-    save_checkpoint(run_dir, TrainState(step=7, data_position=56, skipped_steps=1), tr.model, tr.optimizer, layout,
+            tr.engine.optimizer.state[param]["step"].fill_(7)
+    save_checkpoint(run_dir, TrainState(step=7, data_position=56, skipped_steps=1), tr.model, tr.engine.optimizer, layout,
                     {"config": to_dict(cfg)}, keep=2)
 
 
@@ -74,22 +74,22 @@ def _load_and_check(rank, world_size, run_dir, ep):
     layout = make_layout(cfg.parallel, CPU)
     tr = build_trainer(cfg, layout)
     found = latest_checkpoint(run_dir, warn=pytest.fail)
-    state = load_checkpoint(found, tr.model, tr.optimizer, layout)
+    state = load_checkpoint(found, tr.model, tr.engine.optimizer, layout)
     assert state == TrainState(step=7, data_position=56, skipped_steps=1)
     for layer, experts in expert_modules(tr.model):
         assert len(experts.global_expert_ids) == cfg.moe.num_experts // ep
         for t, name in enumerate(EXPERT_TENSORS):
             param = getattr(experts, name)
-            held = {"param": param, **{k: tr.optimizer.state[param][k] for k in KINDS[1:]}}
+            held = {"param": param, **{k: tr.engine.optimizer.state[param][k] for k in KINDS[1:]}}
             for local, e in enumerate(experts.global_expert_ids):
                 for kind, tensor in enumerate(held.values()):
                     want = mark(layer, e, t, kind)
                     assert torch.all(tensor[local] == want), (
                         f"rank {rank}: layer {layer} expert {e} {name} {KINDS[kind]}: got {tensor[local].flatten()[0]}, "
                         f"want {want}")
-            assert float(tr.optimizer.state[param]["step"]) == 7
+            assert float(tr.engine.optimizer.state[param]["step"]) == 7
     for param in tr.grad_sync.dense:
-        assert torch.all(param == 0.5) and torch.all(tr.optimizer.state[param]["exp_avg"] == 0.25)
+        assert torch.all(param == 0.5) and torch.all(tr.engine.optimizer.state[param]["exp_avg"] == 0.25)
 
 
 LAYOUT_CHANGES = [  # (world, ep) saved -> (world, ep) loaded
@@ -125,7 +125,7 @@ def test_entries_name_every_expert_by_global_id_once():
 def _save_one_process(tmp_path, cfg: Config, step: int = 3):
     layout = make_layout(cfg.parallel, CPU)
     tr = build_trainer(cfg, layout)
-    return save_checkpoint(tmp_path, TrainState(step=step), tr.model, tr.optimizer, layout,
+    return save_checkpoint(tmp_path, TrainState(step=step), tr.model, tr.engine.optimizer, layout,
                            {"config": to_dict(cfg)}, keep=2)
 
 
@@ -203,5 +203,5 @@ def test_a_checkpoint_older_than_a_buffer_still_loads_and_the_buffer_keeps_its_i
     tr = build_trainer(cfg, layout)
     with torch.no_grad():
         tr.model.moe_layers[0].router.expert_bias_E.fill_(0.5)
-    load_checkpoint(verify(path), tr.model, tr.optimizer, layout)
+    load_checkpoint(verify(path), tr.model, tr.engine.optimizer, layout)
     assert torch.all(tr.model.moe_layers[0].router.expert_bias_E == 0.5)  # untouched: not in the checkpoint

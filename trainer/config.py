@@ -362,7 +362,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _choice(t.engine, "train.engine", ("native", "deepspeed"))
     if t.engine == "deepspeed":
         from .engines.deepspeed_zero import check_deepspeed_settings  # reads train.deepspeed_config
-        check_deepspeed_settings(cfg, world_size)
+        check_deepspeed_settings(cfg)
     else:
         _require(t.zero_stage == 0, "train.zero_stage", f"needs train.engine=deepspeed, got {t.zero_stage}")
         _require(t.deepspeed_config is None, "train.deepspeed_config", "needs train.engine=deepspeed")

@@ -106,6 +106,16 @@ def _restart_safe_store(timeout: datetime.timedelta) -> Optional[dist.Store]:
     return dist.PrefixStore(f"moe-trainer/attempt_{attempt}/", client)
 
 
+def ep_group_ranks(world_size: int, ep: int) -> list[list[int]]:
+    """The EP groups: contiguous runs of `ep` ranks, each holding every expert once."""
+    return [list(range(first, first + ep)) for first in range(0, world_size, ep)]
+
+
+def replica_group_ranks(world_size: int, ep: int) -> list[list[int]]:
+    """The expert-data-parallel groups: the ranks at the same position of every EP group."""
+    return [list(range(pos, world_size, ep)) for pos in range(ep)]
+
+
 def new_groups(groups_of_ranks: list[list[int]], rank: int, timeout_s: float) -> Optional[ProcessGroup]:
     """Create one group per list of ranks (a partition of the world); return the one holding `rank`.
 
@@ -127,11 +137,9 @@ def make_layout(cfg: ParallelConfig, device: torch.device) -> Layout:
     if world_size == 1:
         return Layout(0, 1, local_rank, cfg.ep, device, None, None, None)
     ep = cfg.ep
-    ep_group = (new_groups([list(range(first, first + ep)) for first in range(0, world_size, ep)], rank, cfg.timeout_s)
-                if ep > 1 else None)
+    ep_group = new_groups(ep_group_ranks(world_size, ep), rank, cfg.timeout_s) if ep > 1 else None
     replicas = world_size // ep
-    expert_dp_group = (new_groups([list(range(pos, world_size, ep)) for pos in range(ep)], rank, cfg.timeout_s)
-                       if replicas > 1 else None)
+    expert_dp_group = new_groups(replica_group_ranks(world_size, ep), rank, cfg.timeout_s) if replicas > 1 else None
     return Layout(rank, world_size, local_rank, ep, device, dist.group.WORLD, ep_group, expert_dp_group)
 
 

@@ -28,6 +28,7 @@ from .train import build_model, evaluate, full_model_on_meta
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
 EXPORT_INFO = "export.json"
+NATIVE_ENGINE = {"engine": "native", "zero_stage": 0, "deepspeed_config": None}  # train.* for one-process tools
 
 
 def one_process_layout(device: torch.device) -> Layout:
@@ -40,8 +41,10 @@ def _for_one_process(cfg: Config, device: torch.device) -> Config:
     impl = cfg.moe.expert_impl
     if impl == "grouped_mm" and device.type != "cuda":
         impl = "auto"  # a GPU run's grouped GEMM falls back to the loop here; same numbers
+    # the native engine: a DeepSpeed run's weights need neither DeepSpeed nor its JSON to be read
     return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, expert_impl=impl),
-                               parallel=dataclasses.replace(cfg.parallel, ep=1))
+                               parallel=dataclasses.replace(cfg.parallel, ep=1),
+                               train=dataclasses.replace(cfg.train, **NATIVE_ENGINE))
 
 
 def find_checkpoint(path: Path, warn=lambda line: None) -> Found:
@@ -151,7 +154,8 @@ def eval_checkpoint(path: str | Path, overrides: list[str], warn=lambda line: No
         raise ConfigError("train.device: cuda was asked for but torch.cuda.is_available() is False")
     device = pick_device(requested.train.device)
     model, trained_cfg, step, source = _load(Path(path), device, warn)
-    cfg = config_from_dict(to_dict(trained_cfg), ["train.device=auto", *overrides, "parallel.ep=1"])
+    cfg = config_from_dict(to_dict(trained_cfg), ["train.device=auto", *overrides, "parallel.ep=1",
+                                                  *(f"train.{k}={'null' if v is None else v}" for k, v in NATIVE_ENGINE.items())])
     validate(cfg, 1)
     tokenizer = saved_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_name, Path(path))  # the run's, not a new one
     corpus = load_corpus(cfg.data, tokenizer=tokenizer)

@@ -95,7 +95,18 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     per_token_layer = 12 * D + ffn_floats  # what autograd keeps per token and layer, roughly
     activations = 4 * tokens * (L * per_token_layer + 3 * V)
     batch_rows = (t.batch_size // world_size) * (S + 1) * 8 * 3  # int64 windows, inputs, targets
-    return MemoryEstimate(float(params * BYTES_PER_PARAM + rotary), float(activations + batch_rows))
+    return MemoryEstimate(float(params * bytes_per_param(cfg, world_size) + rotary), float(activations + batch_rows))
+
+
+def bytes_per_param(cfg: Config, world_size: int) -> float:
+    """Weights, gradients and AdamW state per parameter of this rank. ZeRO-1 partitions the moments and
+    keeps an fp32 master partition; ZeRO-2 partitions the gradients too (over at most the world)."""
+    stage = cfg.train.zero_stage if cfg.train.engine == "deepspeed" else 0
+    if stage == 0:
+        return BYTES_PER_PARAM
+    kept = 4 + (4 if stage == 1 else 0)  # weights, and gradients unless stage 2 partitions them
+    partitioned = 8 + 4 + (4 if stage == 2 else 0)  # moments, fp32 master copy, gradients (stage 2)
+    return kept + partitioned / world_size
 
 
 def available_memory_per_rank(cfg: Config, world_size: int) -> tuple[float, str]:

@@ -195,7 +195,7 @@ class Tracker:
     when `run.tracker` asks; other ranks do nothing."""
 
     def __init__(self, run_dir: Path, is_main: bool, tracker: str, project: str, name: Optional[str],
-                 config: dict):
+                 config: dict, resumed_step: int = 0):
         self.is_main = is_main
         self._file = None
         self._wandb = None
@@ -206,7 +206,7 @@ class Tracker:
         if tracker == "wandb":
             self._wandb = _start_wandb(run_dir, project, name, config)
         elif tracker == "tensorboard":
-            self._tensorboard = _start_tensorboard(run_dir, config)
+            self._tensorboard = _start_tensorboard(run_dir, config, resumed_step)
 
     def log(self, metrics: dict) -> None:
         if not self.is_main:
@@ -247,13 +247,14 @@ def _start_wandb(run_dir: Path, project: str, name: Optional[str], config: dict)
                       resume="allow")
 
 
-def _start_tensorboard(run_dir: Path, config: dict):
+def _start_tensorboard(run_dir: Path, config: dict, resumed_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise RuntimeError("run.tracker=tensorboard needs the tensorboard package: run "
                            "`bash launch/setup.sh --tensorboard`") from None
-    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    # a resumed run drops what a dead run logged after its checkpoint, as metrics.jsonl does
+    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None)
     writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```")
     print0(True, f"tensorboard: logging under {run_dir / 'tensorboard'} (view with `tensorboard --logdir {run_dir}`)")
     return writer

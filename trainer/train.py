@@ -90,11 +90,6 @@ class Trainer:
     def grad_sync(self) -> GradSync:
         return self.engine.grad_sync
 
-    @property
-    def optimizer(self):
-        """Per-parameter AdamW state (`.state[param]`), whichever engine holds it."""
-        return self.engine.optimizer_state()
-
 
 def build_trainer(cfg: Config, layout: Layout) -> Trainer:
     model = build_model(cfg, layout)
@@ -339,7 +334,7 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
                 "corpus_fingerprint": corpus.corpus_fingerprint, "tokenizer": corpus.tokenizer.description,
                 "tokenizer_fingerprint": corpus.tokenizer.fingerprint}
     tracker = Tracker(run_dir, layout.is_main, cfg.run.tracker, cfg.run.wandb_project, cfg.run.name,
-                      {**to_dict(cfg), "run_info": run_info})
+                      {**to_dict(cfg), "run_info": run_info}, resumed_step=state.step)
     bar = progress_bar(t.steps, state.step, layout.is_main and cfg.run.progress)
     peak = spec_peak_bf16_flops(layout.device)
     tokens_per_step = t.batch_size * S

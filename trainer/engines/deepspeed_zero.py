@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -32,8 +33,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Config, ConfigError
-from ..dist import Layout, new_groups
+from ..dist import Layout, ep_group_ranks, new_groups, replica_group_ranks
 from ..grad_sync import GradSync
+from ..moe.collectives import named_collective
 from . import NonFiniteError, adamw_param_groups
 
 # DeepSpeed keys the trainer sets itself, and the config keys that own them
@@ -72,13 +74,20 @@ def _user_config(path: Optional[str]) -> dict:
             raise ConfigError(f"train.deepspeed_config: {file} sets {key}, which the trainer sets from {owner}; "
                               "remove it from the JSON")
     zero = values.get("zero_optimization", {})
-    if isinstance(zero, dict) and zero.get("contiguous_gradients") is False:
-        raise ConfigError(f"train.deepspeed_config: {file} sets zero_optimization.contiguous_gradients=false; "
-                          "DeepSpeed needs contiguous gradients for MoE parameter groups")
+    if not isinstance(zero, dict):
+        raise ConfigError(f"train.deepspeed_config: {file}: zero_optimization must be a JSON object")
+    for key in ("contiguous_gradients", "reduce_scatter"):
+        if zero.get(key) is False:
+            raise ConfigError(f"train.deepspeed_config: {file} sets zero_optimization.{key}=false; DeepSpeed "
+                              "needs it for MoE parameter groups")
+    offload = next((key for key in zero if key.startswith("offload_")), None)
+    if offload is not None:
+        raise ConfigError(f"train.deepspeed_config: {file} sets zero_optimization.{offload}, which needs "
+                          "DeepSpeed's compiled optimizer ops instead of the trainer's AdamW; remove it")
     return values
 
 
-def check_deepspeed_settings(cfg: Config, world_size: int) -> None:
+def check_deepspeed_settings(cfg: Config) -> None:
     """One ConfigError naming the key, before any process group exists."""
     t = cfg.train
     if t.zero_stage == 3:
@@ -86,8 +95,8 @@ def check_deepspeed_settings(cfg: Config, world_size: int) -> None:
     if t.zero_stage not in (0, 1, 2):
         raise ConfigError(f"train.zero_stage: must be 0, 1 or 2, got {t.zero_stage}")
     if t.skip_nonfinite:
-        raise ConfigError("train.skip_nonfinite: must be 0 with train.engine=deepspeed (DeepSpeed applies an fp32 "
-                          "step it is given; a non-finite one stops the run)")
+        raise ConfigError("train.skip_nonfinite: must be 0 with train.engine=deepspeed (a non-finite loss or "
+                          "gradient norm stops the run)")
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("train.engine: deepspeed is not installed; run `bash launch/setup.sh --deepspeed`")
     _user_config(t.deepspeed_config)
@@ -110,20 +119,26 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 
 
 def _join_world_alone() -> None:
-    """DeepSpeed needs a process group even for one process: a gloo group of one, in memory."""
+    """DeepSpeed needs a process group even for one process (a gloo group of one, in memory) and
+    reads the launcher's variables from the environment."""
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        for name in ("LOCAL_RANK", "RANK"):
+            os.environ.setdefault(name, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
 
 
 def _register_groups(layout: Layout, timeout_s: float) -> str:
-    """Hand DeepSpeed our EP and expert-data-parallel groups (groups of one where ours are None)."""
+    """Hand DeepSpeed our EP and expert-data-parallel groups (groups of one where ours are None), and
+    a copy of the world group with our timeout: DeepSpeed's own copy, which its ZeRO reductions use,
+    would get torch's default and turn a dead peer into a 30-minute hang."""
     from deepspeed.utils import groups as ds_groups
 
     world, ep, rank = max(layout.world_size, 1), layout.ep, max(layout.rank, 0)
-    ep_ranks = [list(range(first, first + ep)) for first in range(0, world, ep)]
-    replica_ranks = [list(range(pos, world, ep)) for pos in range(ep)]
+    ep_ranks, replica_ranks = ep_group_ranks(world, ep), replica_group_ranks(world, ep)
     ep_group = layout.ep_group or new_groups(ep_ranks, rank, timeout_s)
     replica_group = layout.expert_dp_group or new_groups(replica_ranks, rank, timeout_s)
+    ds_groups._WORLD_GROUP = new_groups([list(range(world))], rank, timeout_s)
     name = f"ep_size_{ep}"
     ds_groups._EXPERT_PARALLEL_GROUP[name] = ep_group
     ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = next(r for r in ep_ranks if rank in r)
@@ -168,6 +183,8 @@ class DeepSpeedZero:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        # DeepSpeed 0.19 calls a torch collective that torch 2.13 deprecates, on every rank at every save
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
         _join_world_alone()
         self.model, self.stage = model, cfg.train.zero_stage
         self.grad_sync = GradSync(model, layout, overlap=False)  # which parameters are experts; stage 0's norm
@@ -186,9 +203,10 @@ class DeepSpeedZero:
         return self.ds(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor, micro_batches: int, last: bool) -> None:
-        self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
-        if not last:
-            self.ds.step()  # not a boundary: DeepSpeed only counts the micro-batch
+        with named_collective("gradient sync", "DeepSpeed backward (gradient reduction)"):
+            self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+            if not last:
+                self.ds.step()  # not a boundary: DeepSpeed only counts the micro-batch
 
     def reduce_and_clip(self, max_norm: float) -> Optional[torch.Tensor]:
         if self.stage == 0:  # DeepSpeed all_reduced the gradients during the last backward
@@ -200,12 +218,13 @@ class DeepSpeedZero:
             group["lr"] = lr
         if not loss_is_finite or (norm is not None and not math.isfinite(norm)):
             return float("nan") if norm is None else norm  # not applied; the run stops (skip_nonfinite is 0)
-        self.ds.step()
+        with named_collective("optimizer step", "DeepSpeed step (ZeRO norm, update, gather)"):
+            self.ds.step()
         if norm is None:
             norm = float(self.ds.get_global_grad_norm())
             if not math.isfinite(norm):
-                raise NonFiniteError(f"non-finite gradient norm ({norm}) after DeepSpeed applied the update; the "
-                                     "run stopped and the last checkpoint is intact")
+                raise NonFiniteError(f"non-finite gradient norm ({norm}) in DeepSpeed's step; the run stopped "
+                                     "and the last checkpoint is intact")
         return norm
 
     # ------------------------------------------------------------------ checkpoints
@@ -233,7 +252,9 @@ class DeepSpeedZero:
         self._link_optimizer_state()
         for p in self.model.parameters():  # collective over each parameter's ZeRO partition group
             view.state[p] = {"step": step.detach().clone(),
-                             **{m: safe_get_full_optimizer_state(p, m).detach().clone()
+                             # on the host: the full state of every parameter at once would undo ZeRO's
+                             # device-memory saving (it still costs host memory, see the README)
+                             **{m: safe_get_full_optimizer_state(p, m).detach().cpu()
                                 for m in ("exp_avg", "exp_avg_sq")}}
         return view
 

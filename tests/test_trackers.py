@@ -1,6 +1,8 @@
 """Trackers write a real run: tensorboard event files hold the logged scalars and the config; wandb
 (offline, no network) writes its run under run.dir and a resumed run continues the same wandb run."""
 
+import shutil
+
 import pytest
 
 from tests.cli import REPO, run_cli
@@ -17,8 +19,13 @@ def test_tensorboard_run_holds_the_logged_scalars_and_config(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    done = run_cli(["train", *RUN, "train.steps=4", "run.tracker=tensorboard", f"run.dir={run_dir}"], timeout=120)
+    args = ["train", *RUN, "train.steps=4", "ckpt.every=2", "run.tracker=tensorboard", f"run.dir={run_dir}"]
+    done = run_cli(args, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+    # as after a crash past step 2's checkpoint: the rerun logs steps 3 and 4 again, and they count once
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
+    done = run_cli(args, timeout=120)
+    assert done.returncode == 0 and "resuming from" in done.stderr, done.stderr[-2000:]
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0}).Reload()
     logged = {r["step"]: r for r in read_metrics(run_dir)}
     loss = events.Scalars("loss")

@@ -14,6 +14,8 @@ device=(parallel.backend=gloo train.device=cpu)
 if [[ "${1:-}" == "--gpu" ]]; then
     device=()
     shift
+else
+    export DS_ACCELERATOR=cpu  # DeepSpeed's launcher would otherwise warn that it found no GPU
 fi
 if (($# < 1)); then
     echo "usage: [NPROC=2] [HOSTFILE=hosts] launch/deepspeed.sh [--gpu] CONFIG [key=value ...]" >&2

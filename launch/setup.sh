@@ -26,7 +26,7 @@ for arg in "$@"; do
         --plot) extras+=(plot) ;;
         --accelerate) extras+=(accelerate) ;;
         --deepspeed) extras+=(deepspeed); deepspeed=1 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "setup: unknown option '$arg' (expected --dev, --wandb, --hf, --tensorboard, --plot, --accelerate," \
                 "--deepspeed)" >&2; exit 2 ;;
     esac
@@ -48,13 +48,17 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
     fi
 fi
 
-if ((deepspeed)) && ! "$py" -c "import deepspeed" >/dev/null 2>&1; then
-    # from source against the torch above: build isolation would fetch another (CUDA) torch to build with
-    "$py" -m pip install -q setuptools wheel
-    DS_BUILD_OPS=0 "$py" -m pip install -q --no-build-isolation "deepspeed>=0.19,<0.20"
+if ((deepspeed)); then
+    if ! "$py" -c "import deepspeed" >/dev/null 2>&1; then
+        # from source against the torch above: build isolation would fetch another (CUDA) torch to build with
+        "$py" -m pip install -q setuptools wheel
+        DS_BUILD_OPS=0 "$py" -m pip install -q --no-build-isolation "deepspeed>=0.19,<0.20"
+    fi
     if ! command -v nvidia-smi >/dev/null 2>&1; then
-        # DeepSpeed's CPU backend compiles this op at its first run (about a minute); do it once, now
-        DS_ACCELERATOR=cpu "$py" -c "from deepspeed.accelerator import get_accelerator
+        # DeepSpeed's CPU backend compiles this op at its first run (about a minute): do it here, into
+        # .venv/torch_extensions where the trainer looks for it (trainer/engines/deepspeed_zero.py);
+        # seconds when it is built already
+        DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions" "$py" -c "from deepspeed.accelerator import get_accelerator
 get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" >/dev/null
     fi
 fi

@@ -5,6 +5,7 @@ the contract's fields, figures that hang together, and a training-step case with
 import json
 
 import pytest
+import torch
 
 from tests.cli import run_cli
 
@@ -52,3 +53,11 @@ def test_bench_names_a_bad_config_key():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: config: ")
     assert "moe.nope" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_gpu_preset_without_cuda_is_one_line_not_a_long_cpu_run():
+    proc = run_cli(["bench", "--preset", "gpu"], timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: bench: --preset gpu needs CUDA (torch.cuda.is_available() is "
+                                                "False); use --preset reference or quick here"]

@@ -79,6 +79,12 @@ def _run_bench(args) -> int:
         return _fail(f"bench: key=value overrides ({' '.join(args.overrides)}) need --config", EXIT_BAD_INPUT)
     if min(args.iters, args.rounds, args.steps) < 1 or args.warmup < 0:
         return _fail("bench: --iters, --rounds and --steps must be >= 1 and --warmup >= 0", EXIT_BAD_INPUT)
+    import torch
+
+    if args.preset == "gpu" and not torch.cuda.is_available():
+        # its d_model-2048 cases would run for a long time on a CPU and measure nothing it is for
+        return _fail("bench: --preset gpu needs CUDA (torch.cuda.is_available() is False); use --preset reference "
+                     "or quick here", EXIT_BAD_INPUT)
     from .bench import run
 
     try:

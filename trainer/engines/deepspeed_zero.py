@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -179,6 +180,9 @@ class DeepSpeedZero:
 
     def __init__(self, cfg: Config, model: nn.Module, layout: Layout):
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if layout.device.type == "cuda" else "cpu")
+        # DeepSpeed's CPU comm op is compiled per environment (setup.sh does it once): keep it with this
+        # venv, not in the per-user cache where two checkouts would keep rebuilding each other's
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
         import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 

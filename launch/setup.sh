@@ -59,7 +59,9 @@ if ((deepspeed)); then
         # .venv/torch_extensions where the trainer looks for it (trainer/engines/deepspeed_zero.py);
         # seconds when it is built already
         DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions" "$py" -c "from deepspeed.accelerator import get_accelerator
-get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" >/dev/null
+get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" >/dev/null 2>&1 \
+            || echo "setup: DeepSpeed's CPU comm op did not compile here (a C++ compiler is needed); DeepSpeed" \
+                    "tries again at its first run" >&2
     fi
 fi
 

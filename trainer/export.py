@@ -154,8 +154,7 @@ def eval_checkpoint(path: str | Path, overrides: list[str], warn=lambda line: No
         raise ConfigError("train.device: cuda was asked for but torch.cuda.is_available() is False")
     device = pick_device(requested.train.device)
     model, trained_cfg, step, source = _load(Path(path), device, warn)
-    cfg = config_from_dict(to_dict(trained_cfg), ["train.device=auto", *overrides, "parallel.ep=1",
-                                                  *(f"train.{k}={'null' if v is None else v}" for k, v in NATIVE_ENGINE.items())])
+    cfg = _for_one_process(config_from_dict(to_dict(trained_cfg), ["train.device=auto", *overrides]), device)
     validate(cfg, 1)
     tokenizer = saved_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_name, Path(path))  # the run's, not a new one
     corpus = load_corpus(cfg.data, tokenizer=tokenizer)

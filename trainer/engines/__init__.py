@@ -45,6 +45,11 @@ class Engine(Protocol):
     def loaded(self, state) -> None: ...
 
 
+def adamw(param_groups: list[dict], cfg: Config) -> torch.optim.AdamW:
+    """The trainer's optimizer, whichever engine steps it (learning rate set per step)."""
+    return torch.optim.AdamW(param_groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
+
+
 def adamw_param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     """Weight decay on matrices only; the same two groups for every engine."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]

@@ -33,11 +33,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint import ADAM_MOMENTS
 from ..config import Config, ConfigError
 from ..dist import Layout, ep_group_ranks, new_groups, replica_group_ranks
 from ..grad_sync import GradSync
 from ..moe.collectives import named_collective
-from . import NonFiniteError, adamw_param_groups
+from . import NonFiniteError, adamw, adamw_param_groups
 
 # DeepSpeed keys the trainer sets itself, and the config keys that own them
 OWNED_KEYS = {
@@ -198,7 +199,7 @@ class DeepSpeedZero:
         param_groups = adamw_param_groups(model, cfg)
         if self.grad_sync.expert:
             param_groups = split_params_into_different_moe_groups_for_optimizer(param_groups)
-        self.adamw = torch.optim.AdamW(param_groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
+        self.adamw = adamw(param_groups, cfg)
         with _moe_aware_initialize(deepspeed, bool(self.grad_sync.expert)) as initialize:
             self.ds, self.zero, _, _ = initialize(model=model, optimizer=self.adamw,
                                                   config=deepspeed_config(cfg, max(layout.world_size, 1)))
@@ -259,7 +260,7 @@ class DeepSpeedZero:
                              # on the host: the full state of every parameter at once would undo ZeRO's
                              # device-memory saving (it still costs host memory, see the README)
                              **{m: safe_get_full_optimizer_state(p, m).detach().cpu()
-                                for m in ("exp_avg", "exp_avg_sq")}}
+                                for m in ADAM_MOMENTS}}
         return view
 
     def loaded(self, state) -> None:
@@ -273,9 +274,9 @@ class DeepSpeedZero:
             return
         step = next(iter(state.state.values()))["step"]
         for flat in self.zero.single_partition_of_fp32_groups:  # AdamW state exists only after a first step
-            self.adamw.state[flat] = {"step": step.detach().clone().float(), "exp_avg": torch.zeros_like(flat),
-                                      "exp_avg_sq": torch.zeros_like(flat)}
+            self.adamw.state[flat] = {"step": step.detach().clone().float(),
+                                      **{m: torch.zeros_like(flat) for m in ADAM_MOMENTS}}
         self._link_optimizer_state()
         for p, values in state.state.items():
-            for moment in ("exp_avg", "exp_avg_sq"):
+            for moment in ADAM_MOMENTS:
                 safe_set_full_optimizer_state(p, values[moment], moment)

@@ -12,7 +12,7 @@ from torch import nn
 from ..config import Config
 from ..dist import Layout
 from ..grad_sync import GradSync
-from . import adamw_param_groups
+from . import adamw, adamw_param_groups
 
 
 class NativeEngine:
@@ -21,8 +21,7 @@ class NativeEngine:
     def __init__(self, cfg: Config, model: nn.Module, layout: Layout):
         self.model = model
         self.grad_sync = GradSync(model, layout)
-        self.optimizer = torch.optim.AdamW(adamw_param_groups(model, cfg), lr=cfg.train.lr,
-                                           betas=(cfg.train.beta1, cfg.train.beta2))
+        self.optimizer = adamw(adamw_param_groups(model, cfg), cfg)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

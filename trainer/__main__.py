@@ -1,7 +1,8 @@
 """CLI: `python -m trainer train|check CONFIG.yaml [key=value ...]`, alone or under torchrun;
 `export RUN_DIR OUT_DIR [--format native|hf]`, `sample RUN_DIR_OR_EXPORT`, `eval RUN_DIR [key=value ...]`
 in one process;
-`bench [--preset NAME] [--config CONFIG key=value ...]`, alone or under torchrun.
+`bench [--preset NAME] [--config CONFIG key=value ...]`, alone or under torchrun;
+`compare CONFIG [CONFIG ...] --seeds N [key=value ...]` in one process (it launches each run).
 
 Errors are one line on stderr. An error that is the same on every rank (a bad config, an
 unusable run.dir, ranks that disagree, a non-finite loss) is printed by rank 0 only; a failed
@@ -65,6 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     plots = commands.add_parser("report", help="PNG plots of one or more runs (loss, routing, expert load)")
     plots.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run.dirs; the first gets the PNGs")
     plots.add_argument("--out", default=None, help="directory for the PNGs (default: the first RUN_DIR)")
+    comparison = commands.add_parser(
+        "compare", help="train configs on the same data, steps and seeds; a table of held-out loss (Markdown, JSON) "
+                        "and a plot",
+        description="Each CONFIG is a YAML file, optionally with overrides of its own after a colon "
+                    "(configs/quality/moe.yaml:moe.aux_loss_coef=0.001,moe.z_loss_coef=0); trailing key=value "
+                    "overrides apply to every config. The first config is the baseline of the relative column.")
+    comparison.add_argument("items", nargs="+", metavar="CONFIG[:k=v,...] | key=value",
+                            help="configs to compare, then overrides for all of them")
+    comparison.add_argument("--seeds", type=int, default=3, help="seeds per config: train.seed + 0 .. N-1 (default 3)")
+    comparison.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun; default 2)")
+    comparison.add_argument("--out", default="runs/compare",
+                            help="directory for each run (OUT/<config>/seed<S>), compare.md, compare.json and "
+                                 "val_loss.png; finished runs there are reused (default runs/compare)")
     bench = commands.add_parser("bench", help="MoE layer and training-step throughput against references measured "
                                                "in the same run (JSON lines); alone or under torchrun")
     from .bench import add_arguments
@@ -91,6 +105,20 @@ def _run_bench(args) -> int:
         return run(args, args.overrides)
     except ConfigError as e:
         return _fail(f"config: {e}", EXIT_BAD_INPUT)
+
+
+def _run_compare(args) -> int:
+    from .compare import CompareError, RunFailedError, compare
+
+    try:
+        rows, written = compare(args.items + args.overrides, args.seeds, args.nproc, args.out,
+                                lambda line: print(line, flush=True))
+    except CompareError as e:
+        return _fail(str(e), EXIT_FAILED if isinstance(e, RunFailedError) else EXIT_BAD_INPUT)
+    print(Path(written[0]).read_text(), end="")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
 
 
 def _run_offline(args) -> int:
@@ -164,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         except ReportError as e:
             return _fail(str(e), EXIT_BAD_INPUT)
         return 0
+    if args.command == "compare":
+        return _run_compare(args)
     if args.command == "config":
         if args.overrides:
             parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")

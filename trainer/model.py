@@ -196,6 +196,15 @@ class Transformer(nn.Module):
                 scale = 1.0 / math.sqrt(fan_in)
             param.copy_(torch.randn(param.shape, generator=gen) * scale)
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, active per token), embeddings included: routed experts count top_k / num_experts
+        of their weights; shared experts, router and dense blocks count whole."""
+        total = sum(p.numel() for p in self.parameters())
+        routed = sum(p.numel() for p in expert_parameters(self))
+        moe = self.moe_cfg
+        active = total - routed + (routed * moe.top_k // moe.num_experts if moe.num_experts else 0)
+        return total, active
+
     def flops_per_token(self) -> float:
         """Forward+backward FLOPs per token with only the active (top-k) experts counted."""
         cfg, moe = self.cfg, self.moe_cfg

@@ -120,6 +120,24 @@ def plot_expert_load(run: Run, out: Path, plt) -> Optional[Path]:
     return _save(fig, out / f"expert_load_{run.name}.png", plt)
 
 
+def plot_val_comparison(curves: list[tuple[str, list[int], list[list[float]]]], path: Path) -> Path:
+    """`compare`'s overlay: per config (label, steps, each step's val losses over seeds), the mean
+    as a line and the min-max over seeds as a band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (label, steps, values) in enumerate(curves):
+        mean = [sum(v) / len(v) for v in values]
+        ax.plot(steps, mean, "o-", color=f"C{i}", markersize=3, label=f"{label} ({len(values[0]) if values else 0} seeds)")
+        if values and len(values[0]) > 1:
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=f"C{i}", alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.set_title("held-out loss: mean over seeds, band = min-max")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path, plt)
+
+
 def _save(fig, path: Path, plt) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,0 +1,315 @@
+"""`python -m trainer compare CONFIG [CONFIG ...] --seeds N [key=value ...]`: train configs
+side by side on the same data, steps and seeds, and tabulate their held-out loss.
+
+Each CONFIG is a YAML file, optionally followed by overrides of its own after a colon
+(`configs/quality/moe.yaml:moe.aux_loss_coef=0.001,moe.z_loss_coef=0`); the trailing
+key=value overrides apply to every config. Every (config, seed) trains in its own run.dir,
+`OUT/<label>/seed<S>`, as `torchrun --nproc-per-node NPROC -m trainer train` (or one process),
+one after the other. A run that already finished there is reused and an interrupted one
+resumes, so an interrupted comparison continues where it stopped; a run.dir that holds another
+config is refused. Seed S (train.seed + 0 .. N-1) seeds the initialisation and the data order of
+every config alike, so the configs are also compared seed by seed.
+
+Writes `OUT/compare.md` (the table), `OUT/compare.json` (the same, plus each seed's figures)
+and `OUT/val_loss.png` (val-loss curves, mean over seeds, min-max band).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from .config import Config, ConfigError, load_config, to_dict, validate
+
+# what makes two runs comparable: a config may differ in anything else (its model, router, lr ...)
+MATCHED_KEYS = ("train.steps", "train.batch_size", "train.grad_accum", "train.seed", "train.eval_every",
+                "train.eval_batches", "model.seq_len", "model.vocab_size", "data")
+# set by compare itself for every run, so not part of a run's identity
+OWN_KEYS = ("run.dir", "train.seed", "run.progress")
+RUN_RECORD = "compare_run.json"
+
+
+class CompareError(ValueError):
+    """Bad arguments or configs that cannot be compared; one line."""
+
+
+class RunFailedError(CompareError):
+    """A training run exited non-zero; the runs finished before it are kept."""
+
+
+@dataclass
+class Entry:
+    """One config of the comparison: its file, its own overrides and the label it is shown under."""
+
+    path: str
+    overrides: list[str]
+    label: str
+    cfg: Config = field(repr=False, default=None)
+
+    @property
+    def slug(self) -> str:
+        """The label as a directory name: "moe aux_loss_coef=0.001" -> "moe-aux_loss_coef-0.001"."""
+        return re.sub(r"[^A-Za-z0-9._]+", "-", self.label)
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    val_loss: float
+    val_curve: list[tuple[int, float]]
+    tokens_per_s: float
+    wall_s: float
+
+
+def parse_items(items: list[str]) -> tuple[list[Entry], list[str]]:
+    """Split the positional arguments into configs (`FILE.yaml[:k=v,k=v]`) and common overrides."""
+    entries, common = [], []
+    for item in items:
+        path, _, own = item.partition(":")
+        if path.endswith((".yaml", ".yml")) or Path(path).is_file():
+            overrides = [o for o in own.split(",") if o] if own else []
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise CompareError(f"compare: {item}: after the colon come key=value overrides separated by commas, "
+                                   f"not {bad[0]!r}")
+            # "moe aux_loss_coef=0.001": the file's stem, then each override without its section
+            label = " ".join([Path(path).stem, *(o.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + o.split("=", 1)[1]
+                                                 for o in overrides)])
+            entries.append(Entry(path, overrides, label))
+        elif "=" in item:
+            common.append(item)
+        else:
+            raise CompareError(f"compare: {item} is neither a config file (.yaml) nor a key=value override")
+    if not entries:
+        raise CompareError("compare: name at least one config file")
+    slugs = [e.slug for e in entries]
+    for entry in entries:
+        if slugs.count(entry.slug) > 1:
+            raise CompareError(f"compare: two configs would share the run directory {entry.slug!r} (same file stem "
+                               f"and overrides); rename one file")
+    return entries, common
+
+
+def _get(cfg: Config, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_matched(entries: list[Entry]) -> None:
+    """Refuse configs that would not train on the same tokens for the same steps."""
+    first = entries[0]
+    for entry in entries[1:]:
+        for key in MATCHED_KEYS:
+            a, b = _get(first.cfg, key), _get(entry.cfg, key)
+            if a == b:
+                continue
+            if dataclasses.is_dataclass(a):  # a section: name the first key that differs
+                name = next(f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name))
+                key, a, b = f"{key}.{name}", getattr(a, name), getattr(b, name)
+            raise CompareError(f"compare: {first.label} and {entry.label} differ in {key} ({a} vs {b}); a comparison "
+                               f"trains every config on the same tokens: pass {key}=... to set it for all")
+
+
+def load_entries(items: list[str], world_size: int) -> list[Entry]:
+    """Parse, load and validate every config before anything trains: a typo costs nothing."""
+    from .preflight import preflight
+
+    entries, common = parse_items(items)
+    for entry in entries:
+        try:
+            entry.cfg = load_config(entry.path, [*common, *entry.overrides])
+            validate(entry.cfg, world_size)
+            preflight(entry.cfg, world_size)
+        except ConfigError as e:
+            raise CompareError(f"config: {entry.label}: {e}") from None
+    check_matched(entries)
+    return entries
+
+
+def run_dir(out: Path, entry: Entry, seed: int) -> Path:
+    return out / entry.slug / f"seed{seed}"
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_run_dir_holds(directory: Path, cfg: Config) -> None:
+    """A run.dir left by an earlier comparison must hold this very config, or its figures would lie."""
+    saved_path = directory / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = _flat(to_dict(load_config(saved_path)))
+    wanted = _flat(to_dict(cfg))
+    for key, value in wanted.items():
+        if key not in OWN_KEYS and saved.get(key) != value:
+            raise CompareError(f"compare: {directory} holds a run with {key}={saved.get(key)}, this comparison wants "
+                               f"{value}; remove it or pass another --out")
+
+
+def finished(directory: Path, steps: int) -> bool:
+    from .tracking import METRICS_FILE, read_metrics
+
+    if not (directory / METRICS_FILE).is_file():
+        return False
+    return any(r["step"] == steps and r.get("val_loss") is not None for r in read_metrics(directory))
+
+
+def train_command(entry: Entry, common: list[str], seed: int, directory: Path, nproc: int) -> list[str]:
+    args = ["-m", "trainer", "train", entry.path, *common, *entry.overrides,
+            f"train.seed={seed}", f"run.dir={directory}", "run.progress=false"]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
+def train_one(entry: Entry, common: list[str], seed: int, directory: Path, nproc: int) -> float:
+    """Train (or resume) one run in a child process; its console goes to `directory/compare.log`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    log = directory / "compare.log"
+    start = time.perf_counter()
+    with open(log, "a") as console:
+        rc = subprocess.call(train_command(entry, common, seed, directory, nproc), env=env,
+                             stdout=console, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if rc != 0:
+        errors = [line for line in log.read_text(errors="replace").splitlines() if "error" in line.lower()]
+        reason = f": {errors[-1].strip()}" if errors else ""
+        raise RunFailedError(f"compare: training {entry.label} seed {seed} failed (exit {rc}); console in {log}{reason}")
+    (directory / RUN_RECORD).write_text(json.dumps({"wall_s": wall}))
+    return wall
+
+
+def seed_result(directory: Path, seed: int, steps: int) -> SeedResult:
+    from .tracking import read_metrics
+
+    records = read_metrics(directory)
+    curve = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
+    speeds = speeds[1:] or speeds  # the first interval includes the warm-up
+    record = directory / RUN_RECORD
+    wall = json.loads(record.read_text())["wall_s"] if record.is_file() else records[-1].get("elapsed_s", math.nan)
+    final = next(v for s, v in reversed(curve) if s == steps)
+    return SeedResult(seed, final, curve, sum(speeds) / len(speeds) if speeds else math.nan, wall)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarise(entries: list[Entry], results: dict[str, list[SeedResult]]) -> list[dict]:
+    from .train import full_model_on_meta
+
+    base = {r.seed: r.val_loss for r in results[entries[0].label]}
+    rows = []
+    for entry in entries:
+        runs = results[entry.label]
+        mean, std = _mean_std([r.val_loss for r in runs])
+        paired = [100 * (r.val_loss / base[r.seed] - 1) for r in runs]  # same seed: same init seed and data order
+        rel, rel_std = _mean_std(paired)
+        total, active = full_model_on_meta(entry.cfg).parameter_counts()
+        rows.append({
+            "config": entry.label, "file": entry.path, "overrides": entry.overrides,
+            "val_loss_mean": mean, "val_loss_std": std, "rel_diff_pct": rel, "rel_diff_pct_std": rel_std,
+            "tokens_per_s": _mean_std([r.tokens_per_s for r in runs])[0],
+            "active_params": active, "total_params": total,
+            "wall_s": _mean_std([r.wall_s for r in runs])[0],
+            "seeds": [dataclasses.asdict(r) for r in runs],
+        })
+    return rows
+
+
+def markdown(rows: list[dict], n_seeds: int) -> str:
+    first = rows[0]["config"]
+    lines = [f"| config | val loss (mean ± std, {n_seeds} seed{'s' if n_seeds > 1 else ''}) | vs {first} "
+             f"(paired ± std) | tokens/s | active params | total params | wall time per run |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['config']} | {row['val_loss_mean']:.4f} ± {row['val_loss_std']:.4f} | "
+                     f"{row['rel_diff_pct']:+.2f}% ± {row['rel_diff_pct_std']:.2f} | {row['tokens_per_s']:,.0f} | "
+                     f"{row['active_params'] / 1e6:.2f}M | {row['total_params'] / 1e6:.2f}M | {row['wall_s']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(items: list[str], seeds: int, nproc: int, out: str,
+            say: Callable[[str], None] = print) -> tuple[list[dict], list[Path]]:
+    if seeds < 1 or nproc < 1:
+        raise CompareError("compare: --seeds and --nproc must be >= 1")
+    out_dir = Path(out)
+    entries = load_entries(items, nproc)
+    common = parse_items(items)[1]
+    base_seed, steps = entries[0].cfg.train.seed, entries[0].cfg.train.steps
+    seed_list = [base_seed + i for i in range(seeds)]
+    for entry in entries:  # before anything trains: a stale run.dir is refused up front
+        for seed in seed_list:
+            check_run_dir_holds(run_dir(out_dir, entry, seed), _seeded(entry.cfg, seed, run_dir(out_dir, entry, seed)))
+    results: dict[str, list[SeedResult]] = {e.label: [] for e in entries}
+    total, done = len(entries) * seeds, 0
+    for seed in seed_list:  # seed-major: after the first pass every config has a figure
+        for entry in entries:
+            done += 1
+            directory = run_dir(out_dir, entry, seed)
+            if finished(directory, steps):
+                verb = "reused"
+            else:
+                train_one(entry, common, seed, directory, nproc)
+                verb = "trained"
+            result = seed_result(directory, seed, steps)
+            results[entry.label].append(result)
+            say(f"[{done}/{total}] {entry.label} seed {seed}: val_loss {result.val_loss:.4f} ({verb}, "
+                f"{result.wall_s:.0f} s) in {directory}")
+    rows = summarise(entries, results)
+    table = markdown(rows, seeds)
+    written = [out_dir / "compare.md", out_dir / "compare.json"]
+    written[0].write_text(table)
+    written[1].write_text(json.dumps({"steps": steps, "seeds": seed_list, "nproc": nproc, "common_overrides": common,
+                                      "rows": rows}, indent=1))
+    plot = plot_curves(rows, out_dir, say)
+    return rows, written + ([plot] if plot else [])
+
+
+def _seeded(cfg: Config, seed: int, directory: Path) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed),
+                               run=dataclasses.replace(cfg.run, dir=str(directory)))
+
+
+def plot_curves(rows: list[dict], out: Path, say: Callable[[str], None]) -> Optional[Path]:
+    from .report import ReportError, plot_val_comparison
+
+    curves = []
+    for row in rows:
+        by_step: dict[int, list[float]] = {}
+        for seed in row["seeds"]:
+            for step, value in seed["val_curve"]:
+                by_step.setdefault(step, []).append(value)
+        steps = sorted(s for s, v in by_step.items() if len(v) == len(row["seeds"]))  # every seed measured it
+        curves.append((row["config"], steps, [by_step[s] for s in steps]))
+    try:
+        return plot_val_comparison(curves, out / "val_loss.png")
+    except ReportError as e:
+        say(f"note: no plot ({e})")
+        return None

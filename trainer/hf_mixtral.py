@@ -2,8 +2,9 @@
 `transformers` Mixtral checkpoint; `init.from_hf=PATH` starts a fresh run from one, at any EP size.
 
 Our model is a Mixtral when every block is an MoE block routed as Mixtral routes: softmax over
-all experts, top-k, combine weights renormalised over the k, no scaling, bias, groups, shared
-experts, or drops at inference. `mixtral_problem` names the first setting that breaks this.
+all experts, top-k, combine weights renormalised over the k, no bias, groups, shared experts,
+or drops at inference. `moe.route_scale` is folded into the experts' down projections (an
+expert's output is linear in them): multiplied on export, divided on `init.from_hf`. `mixtral_problem` names the first setting that breaks this.
 Training-only settings are free: capacity (Mixtral is dropless, and so are our evaluation and
 the export when moe.eval_capacity_factor is null), router jitter and noise, aux/z losses.
 
@@ -78,7 +79,6 @@ def mixtral_problem(cfg: Config) -> Optional[str]:
         (e.num_shared_experts > 0, f"moe.num_shared_experts={e.num_shared_experts}: Mixtral has no shared experts"),
         (e.score_func != "softmax", f"moe.score_func={e.score_func}: Mixtral's router is a softmax over all experts"),
         (not renormalised, f"moe.normalize_top_k={shown}: {why_not_renormalised}"),
-        (e.route_scale != 1, f"moe.route_scale={e.route_scale}: Mixtral does not scale its combine weights"),
         (e.n_groups > 1, f"moe.n_groups={e.n_groups}: Mixtral routes over all experts, not within groups"),
         (e.expert_bias_rate > 0, f"moe.expert_bias_rate={e.expert_bias_rate}: the expert bias changes which experts "
                                  "are chosen; Mixtral has none"),
@@ -176,7 +176,8 @@ def to_hf(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor
             out[f"model.layers.{l}.self_attn.{proj}.weight"] = w_DD
         for ours, hf_weight in EXPERT_WEIGHTS:
             for expert, w in enumerate(state.pop(f"blocks.{l}.ffn.experts.{ours}")):
-                out[_expert_name(l, expert, hf_weight)] = w
+                # Mixtral has no route_scale; an expert's output is linear in its down projection
+                out[_expert_name(l, expert, hf_weight)] = w * cfg.moe.route_scale if hf_weight == "w2" else w
     left = [name for name in state if not name.endswith(TRAINING_STATE)]
     if left:  # a model tensor this mapping does not know: never drop it silently
         raise HFMixtralError(f"{left[0]} has no Mixtral counterpart")
@@ -300,6 +301,8 @@ def init_from_hf(model: Transformer, path: str | Path, cfg: Config) -> str:
                 experts = block.ffn.experts
                 for ours, hf_weight in EXPERT_WEIGHTS:
                     w_L = torch.stack([tensors.get(_expert_name(l, e, hf_weight)) for e in experts.global_expert_ids])
+                    if hf_weight == "w2":
+                        w_L = w_L / cfg.moe.route_scale  # our combine multiplies it back (to_hf folds it in)
                     getattr(experts, ours).copy_(w_L)
     first = model.blocks[0].ffn.experts.global_expert_ids
     return (f"initialised from Hugging Face Mixtral {path} ({cfg.model.n_layers} layers, {cfg.moe.num_experts} "

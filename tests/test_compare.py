@@ -92,6 +92,17 @@ def test_a_failed_run_stops_the_comparison_and_keeps_the_finished_ones(capsys, t
     assert not (out / "compare.md").exists()
 
 
+def test_a_run_that_stops_early_is_named_and_not_tabulated(capsys, tmp_path, corpus):
+    """A run stopped short (a signal, or train.stop_at) exits 0 with a checkpoint: compare names it."""
+    out = tmp_path / "cmp"
+    code, _, err = compare(capsys, out, f"{TINY}:train.stop_at=2", *COMMON, *files_data(corpus), seeds=1, nproc=1)
+    assert code == 1
+    assert err.splitlines()[0].startswith(f"error: compare: tiny stop_at=2 seed 1337 stopped before step {STEPS}; "
+                                          "run the same command to resume it"), err
+    assert [r["step"] for r in read_metrics(out / "tiny-stop_at-2" / "seed1337")] == [1, 2]
+    assert not (out / "compare.md").exists()
+
+
 @pytest.mark.parametrize("items, message", [
     ([TINY, f"{TINY}:train.steps=5"],
      "compare: tiny and tiny steps=5 differ in train.steps (4 vs 5); a comparison trains every config on the "

@@ -21,6 +21,7 @@ from .dist import env_rank, env_world_size
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # what a shell reports for SIGINT
 
 
 def _fail(message: str, code: int, every_rank: bool = False) -> int:
@@ -115,6 +116,9 @@ def _run_compare(args) -> int:
                                 lambda line: print(line, flush=True))
     except CompareError as e:
         return _fail(str(e), EXIT_FAILED if isinstance(e, RunFailedError) else EXIT_BAD_INPUT)
+    except KeyboardInterrupt:  # the run in progress saved a checkpoint (SIGINT reaches it too)
+        return _fail(f"compare: interrupted; finished runs are kept in {args.out}, and the same command resumes",
+                     EXIT_INTERRUPTED)
     print(Path(written[0]).read_text(), end="")
     for path in written:
         print(f"wrote {path}")

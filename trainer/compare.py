@@ -197,6 +197,9 @@ def train_one(entry: Entry, common: list[str], seed: int, directory: Path, nproc
         errors = [line for line in log.read_text(errors="replace").splitlines() if "error" in line.lower()]
         reason = f": {errors[-1].strip()}" if errors else ""
         raise RunFailedError(f"compare: training {entry.label} seed {seed} failed (exit {rc}); console in {log}{reason}")
+    if not finished(directory, entry.cfg.train.steps):  # e.g. stopped by a signal: it saved a checkpoint, exit 0
+        raise RunFailedError(f"compare: {entry.label} seed {seed} stopped before step {entry.cfg.train.steps}; "
+                             f"run the same command to resume it (console in {log})")
     (directory / RUN_RECORD).write_text(json.dumps({"wall_s": wall}))
     return wall
 

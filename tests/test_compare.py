@@ -55,6 +55,7 @@ def test_compare_tabulates_its_runs_reuses_them_and_refuses_a_stale_one(capsys, 
     assert moe["active_params"] - dense["active_params"] == router
     assert dense["total_params"] == dense["active_params"]
     assert moe["tokens_per_s"] > 0 and moe["wall_s"] > 0
+    assert moe["tokens_per_s"] == np.median([s["tokens_per_s"] for s in moe["seeds"]])
     markdown = (out / "compare.md").read_text()
     assert f"{moe['val_loss_mean']:.4f} ± {moe['val_loss_std']:.4f}" in markdown
     assert f"{dense['rel_diff_pct']:+.2f}%" in markdown and markdown in stdout

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -238,9 +239,10 @@ def summarise(entries: list[Entry], results: dict[str, list[SeedResult]]) -> lis
         rows.append({
             "config": entry.label, "file": entry.path, "overrides": entry.overrides,
             "val_loss_mean": mean, "val_loss_std": std, "rel_diff_pct": rel, "rel_diff_pct_std": rel_std,
-            "tokens_per_s": _mean_std([r.tokens_per_s for r in runs])[0],
+            # timings: the median over seeds, so one run slowed by a busy machine does not skew them
+            "tokens_per_s": statistics.median(r.tokens_per_s for r in runs),
             "active_params": active, "total_params": total,
-            "wall_s": _mean_std([r.wall_s for r in runs])[0],
+            "wall_s": statistics.median(r.wall_s for r in runs),
             "seeds": [dataclasses.asdict(r) for r in runs],
         })
     return rows
@@ -249,7 +251,7 @@ def summarise(entries: list[Entry], results: dict[str, list[SeedResult]]) -> lis
 def markdown(rows: list[dict], n_seeds: int) -> str:
     first = rows[0]["config"]
     lines = [f"| config | val loss (mean ± std, {n_seeds} seed{'s' if n_seeds > 1 else ''}) | vs {first} "
-             f"(paired ± std) | tokens/s | active params | total params | wall time per run |",
+             f"(paired ± std) | tokens/s (median) | active params | total params | wall time per run (median) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['config']} | {row['val_loss_mean']:.4f} ± {row['val_loss_std']:.4f} | "

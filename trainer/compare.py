@@ -195,8 +195,9 @@ def train_one(entry: Entry, common: list[str], seed: int, directory: Path, nproc
                              stdout=console, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     if rc != 0:
-        errors = [line for line in log.read_text(errors="replace").splitlines() if "error" in line.lower()]
-        reason = f": {errors[-1].strip()}" if errors else ""
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        ours = [line for line in lines if line.startswith("error:")]  # the trainer's own one-line errors
+        reason = f": {(ours or lines or [''])[-1]}"
         raise RunFailedError(f"compare: training {entry.label} seed {seed} failed (exit {rc}); console in {log}{reason}")
     if not finished(directory, entry.cfg.train.steps):  # e.g. stopped by a signal: it saved a checkpoint, exit 0
         raise RunFailedError(f"compare: {entry.label} seed {seed} stopped before step {entry.cfg.train.steps}; "

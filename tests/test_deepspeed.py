@@ -15,9 +15,11 @@ from trainer.tracking import read_metrics
 
 pytest.importorskip("deepspeed", reason="needs DeepSpeed (launch/setup.sh --dev or --deepspeed installs it)")
 
-# warmup 1: the full learning rate from the first step, so a wrong gradient shows in the losses
+# warmup 1: the full learning rate from the first step, so a wrong gradient shows in the losses;
+# expert_lr_scale: DeepSpeed regroups the expert parameters, and their scaled lr must survive that
 TINY = ["configs/tiny.yaml", "train.steps=4", "train.warmup_steps=1", "train.eval_every=0", "train.eval_batches=1",
-        "run.log_every=1", "run.progress=false", "ckpt.every=2", "train.device=cpu", "parallel.timeout_s=120"]
+        "run.log_every=1", "run.progress=false", "ckpt.every=2", "train.device=cpu", "parallel.timeout_s=120",
+        "train.expert_lr_scale=0.5"]
 ZERO = ["train.engine=deepspeed"]
 TOLERANCE = 1e-4  # per-step loss, absolute
 NORM_TOLERANCE = 1e-5  # gradient norm, relative: AdamW hides a gradient's scale from the loss, the norm does not

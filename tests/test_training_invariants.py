@@ -344,3 +344,25 @@ def _overlap_worker(rank, world_size):
 @pytest.mark.slow
 def test_overlapped_gradient_sync_launches_in_backward_and_changes_nothing():
     run_processes(_overlap_worker, 4)
+
+
+# ----------------------------------------------------------------------------- expert learning rate
+
+
+def test_expert_lr_scale_scales_the_routed_experts_update_only():
+    """AdamW's update and its decoupled weight decay are both linear in the lr: with
+    train.expert_lr_scale=s the experts move s times as far in a step, everything else alike."""
+    updates = []
+    for scale in (1.0, 0.25):
+        tr = build_trainer(small_config(ep=1, batch_size=4, expert_lr_scale=scale, grad_clip=0.0),
+                           one_process_layout())
+        before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        assert train_step(tr, *TokenBatches(random_tokens(), S, 4, 0, 1, 0, True, "train").batch(0), lr=1e-2).applied
+        updates.append({n: p.detach() - before[n] for n, p in tr.model.named_parameters()})
+    experts = expert_names(tr.model)
+    assert experts and len(experts) < len(updates[0])
+    for name, full in updates[0].items():
+        scaled = updates[1][name]
+        expected = 0.25 * full if name in experts else full
+        assert full.abs().max() > 0, name
+        torch.testing.assert_close(scaled, expected, rtol=1e-4, atol=1e-9, msg=lambda m: f"{name}: {m}")

@@ -76,6 +76,7 @@ class TrainConfig:
     batch_size: int = 16  # GLOBAL sequences per optimizer step, whatever the world size
     grad_accum: int = 1  # micro-batches per optimizer step on each rank
     lr: float = 3e-3  # peak learning rate (AdamW)
+    expert_lr_scale: float = 1.0  # routed experts' learning rate = lr x this, through warmup and decay alike
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30  # linear warmup from lr/warmup_steps to lr
     weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only
@@ -348,6 +349,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _require(per_rank % t.grad_accum == 0, "train.grad_accum",
              f"per-rank batch {per_rank} (train.batch_size/world size) is not divisible by train.grad_accum={t.grad_accum}")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(t.expert_lr_scale > 0, "train.expert_lr_scale", f"must be > 0, got {t.expert_lr_scale}")
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     _require(0 <= t.warmup_steps, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")

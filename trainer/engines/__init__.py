@@ -21,6 +21,7 @@ from torch import nn
 from ..config import Config
 from ..dist import Layout
 from ..grad_sync import GradSync
+from ..moe.experts import expert_parameters
 
 
 class NonFiniteError(RuntimeError):
@@ -51,11 +52,24 @@ def adamw(param_groups: list[dict], cfg: Config) -> torch.optim.AdamW:
 
 
 def adamw_param_groups(model: nn.Module, cfg: Config) -> list[dict]:
-    """Weight decay on matrices only; the same two groups for every engine."""
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    """The same groups for every engine: weight decay on matrices only, and the routed experts'
+    own learning-rate scale. Each group's `lr_scale` multiplies the scheduled lr (`set_lr`)."""
+    experts = {id(p) for p in expert_parameters(model)}
+    matrices = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in experts]
     vectors = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": matrices, "weight_decay": cfg.train.weight_decay, "name": "decay"},
-            {"params": vectors, "weight_decay": 0.0, "name": "no_decay"}]
+    groups = [{"params": matrices, "weight_decay": cfg.train.weight_decay, "lr_scale": 1.0, "name": "decay"},
+              {"params": vectors, "weight_decay": 0.0, "lr_scale": 1.0, "name": "no_decay"}]
+    expert_matrices = [p for p in model.parameters() if id(p) in experts]  # [E_local, ...]: all >= 2-D
+    if expert_matrices:
+        groups.append({"params": expert_matrices, "weight_decay": cfg.train.weight_decay,
+                       "lr_scale": cfg.train.expert_lr_scale, "name": "experts"})
+    return groups
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """This step's scheduled lr, times each group's scale (routed experts: train.expert_lr_scale)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def build_engine(cfg: Config, model: nn.Module, layout: Layout) -> Engine:

@@ -38,7 +38,7 @@ from ..config import Config, ConfigError
 from ..dist import Layout, ep_group_ranks, new_groups, replica_group_ranks
 from ..grad_sync import GradSync
 from ..moe.collectives import named_collective
-from . import NonFiniteError, adamw, adamw_param_groups
+from . import NonFiniteError, adamw, adamw_param_groups, set_lr
 
 # DeepSpeed keys the trainer sets itself, and the config keys that own them
 OWNED_KEYS = {
@@ -198,7 +198,10 @@ class DeepSpeedZero:
             p.allreduce, p.group_name = False, group_name
         param_groups = adamw_param_groups(model, cfg)
         if self.grad_sync.expert:
-            param_groups = split_params_into_different_moe_groups_for_optimizer(param_groups)
+            # our "experts" group moves whole into DeepSpeed's group for its EP groups (keeping its
+            # lr_scale) and leaves an empty group behind, which ZeRO must not see
+            param_groups = [g for g in split_params_into_different_moe_groups_for_optimizer(param_groups)
+                            if g["params"]]
         self.adamw = adamw(param_groups, cfg)
         with _moe_aware_initialize(deepspeed, bool(self.grad_sync.expert)) as initialize:
             self.ds, self.zero, _, _ = initialize(model=model, optimizer=self.adamw,
@@ -219,8 +222,7 @@ class DeepSpeedZero:
         return None  # ZeRO 1/2 measures and clips inside step()
 
     def step(self, lr: float, norm: Optional[float], loss_is_finite: bool) -> float:
-        for group in self.adamw.param_groups:
-            group["lr"] = lr
+        set_lr(self.adamw, lr)
         if not loss_is_finite or (norm is not None and not math.isfinite(norm)):
             return float("nan") if norm is None else norm  # not applied; the run stops (skip_nonfinite is 0)
         with named_collective("optimizer step", "DeepSpeed step (ZeRO norm, update, gather)"):

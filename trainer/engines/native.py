@@ -12,7 +12,7 @@ from torch import nn
 from ..config import Config
 from ..dist import Layout
 from ..grad_sync import GradSync
-from . import adamw, adamw_param_groups
+from . import adamw, adamw_param_groups, set_lr
 
 
 class NativeEngine:
@@ -36,8 +36,7 @@ class NativeEngine:
 
     def step(self, lr: float, norm: Optional[float], loss_is_finite: bool) -> float:
         if loss_is_finite and math.isfinite(norm):
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm

@@ -250,13 +250,15 @@ def summarise(entries: list[Entry], results: dict[str, list[SeedResult]]) -> lis
 
 
 def markdown(rows: list[dict], n_seeds: int) -> str:
-    first = rows[0]["config"]
-    lines = [f"| config | val loss (mean ± std, {n_seeds} seed{'s' if n_seeds > 1 else ''}) | vs {first} "
-             f"(paired ± std) | tokens/s (median) | active params | total params | wall time per run (median) |",
+    first, spread = rows[0]["config"], n_seeds > 1  # one seed has no spread to show
+    loss_head = f"val loss (mean ± std, {n_seeds} seeds)" if spread else "val loss (1 seed)"
+    lines = [f"| config | {loss_head} | vs {first}{' (paired ± std)' if spread else ''} | tokens/s (median) | "
+             f"active params | total params | wall time per run (median) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        lines.append(f"| {row['config']} | {row['val_loss_mean']:.4f} ± {row['val_loss_std']:.4f} | "
-                     f"{row['rel_diff_pct']:+.2f}% ± {row['rel_diff_pct_std']:.2f} | {row['tokens_per_s']:,.0f} | "
+        loss = f"{row['val_loss_mean']:.4f}" + (f" ± {row['val_loss_std']:.4f}" if spread else "")
+        rel = f"{row['rel_diff_pct']:+.2f}%" + (f" ± {row['rel_diff_pct_std']:.2f}" if spread else "")
+        lines.append(f"| {row['config']} | {loss} | {rel} | {row['tokens_per_s']:,.0f} | "
                      f"{row['active_params'] / 1e6:.2f}M | {row['total_params'] / 1e6:.2f}M | {row['wall_s']:.0f} s |")
     return "\n".join(lines) + "\n"
 

@@ -109,16 +109,17 @@ def _run_bench(args) -> int:
 
 
 def _run_compare(args) -> int:
-    from .compare import CompareError, RunFailedError, compare
+    from .compare import CompareError, CompareInterrupted, RunFailedError, compare
 
     try:
         rows, written = compare(args.items + args.overrides, args.seeds, args.nproc, args.out,
                                 lambda line: print(line, flush=True))
+    except CompareInterrupted as e:
+        return _fail(str(e), EXIT_INTERRUPTED)
     except CompareError as e:
         return _fail(str(e), EXIT_FAILED if isinstance(e, RunFailedError) else EXIT_BAD_INPUT)
-    except KeyboardInterrupt:  # the run in progress saved a checkpoint (SIGINT reaches it too)
-        return _fail(f"compare: interrupted; finished runs are kept in {args.out}, and the same command resumes",
-                     EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # before or between runs, or a second Ctrl-C (the run was killed)
+        return _fail(f"compare: interrupted; finished runs are kept in {args.out}", EXIT_INTERRUPTED)
     print(Path(written[0]).read_text(), end="")
     for path in written:
         print(f"wrote {path}")

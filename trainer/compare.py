@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,8 +37,9 @@ from .config import Config, ConfigError, load_config, to_dict, validate
 # what makes two runs comparable: a config may differ in anything else (its model, router, lr ...)
 MATCHED_KEYS = ("train.steps", "train.batch_size", "train.grad_accum", "train.seed", "train.eval_every",
                 "train.eval_batches", "model.seq_len", "model.vocab_size", "data")
-# set by compare itself for every run, so not part of a run's identity
-OWN_KEYS = ("run.dir", "train.seed", "run.progress")
+# a run.dir left by an earlier comparison is reused if its config matches in everything but these:
+# what compare sets itself, and what cannot change a result (logging, checkpoints, timeouts)
+NOT_IDENTITY = ("train.seed", "run.", "ckpt.", "parallel.timeout_s", "parallel.debug_splits")
 RUN_RECORD = "compare_run.json"
 
 
@@ -47,6 +49,10 @@ class CompareError(ValueError):
 
 class RunFailedError(CompareError):
     """A training run exited non-zero; the runs finished before it are kept."""
+
+
+class CompareInterrupted(CompareError):
+    """Ctrl-C: the run in progress saved a checkpoint; the same command resumes."""
 
 
 @dataclass
@@ -78,7 +84,7 @@ def parse_items(items: list[str]) -> tuple[list[Entry], list[str]]:
     entries, common = [], []
     for item in items:
         path, _, own = item.partition(":")
-        if path.endswith((".yaml", ".yml")) or Path(path).is_file():
+        if (path.endswith((".yaml", ".yml")) and "=" not in path) or Path(path).is_file():
             overrides = [o for o in own.split(",") if o] if own else []
             bad = [o for o in overrides if "=" not in o]
             if bad:
@@ -136,6 +142,10 @@ def load_entries(items: list[str], world_size: int) -> list[Entry]:
             preflight(entry.cfg, world_size)
         except ConfigError as e:
             raise CompareError(f"config: {entry.label}: {e}") from None
+    for entry in entries:
+        if entry.cfg.train.stop_at:
+            raise CompareError(f"compare: {entry.label}: train.stop_at={entry.cfg.train.stop_at}: every run trains to "
+                               f"train.steps (set train.steps instead)")
     check_matched(entries)
     return entries
 
@@ -159,10 +169,14 @@ def check_run_dir_holds(directory: Path, cfg: Config) -> None:
     saved_path = directory / "config.yaml"
     if not saved_path.is_file():
         return
-    saved = _flat(to_dict(load_config(saved_path)))
+    try:
+        saved = _flat(to_dict(load_config(saved_path)))
+    except ConfigError as e:
+        raise CompareError(f"compare: {directory} holds a run whose config cannot be read ({e}); remove it or pass "
+                           f"another --out") from None
     wanted = _flat(to_dict(cfg))
     for key, value in wanted.items():
-        if key not in OWN_KEYS and saved.get(key) != value:
+        if not key.startswith(NOT_IDENTITY) and saved.get(key) != value:
             raise CompareError(f"compare: {directory} holds a run with {key}={saved.get(key)}, this comparison wants "
                                f"{value}; remove it or pass another --out")
 
@@ -175,6 +189,17 @@ def finished(directory: Path, steps: int) -> bool:
     return any(r["step"] == steps and r.get("val_loss") is not None for r in read_metrics(directory))
 
 
+def restart_without_checkpoint(directory: Path, say: Callable[[str], None]) -> None:
+    """A run stopped before its first checkpoint cannot resume (train refuses such a run.dir): its
+    few steps are thrown away and it starts again, said in one line."""
+    from .checkpoint import complete_checkpoints
+    from .tracking import METRICS_FILE
+
+    if (directory / METRICS_FILE).is_file() and not complete_checkpoints(directory):
+        say(f"note: {directory} stopped before its first checkpoint; training it again from step 0")
+        (directory / METRICS_FILE).unlink()
+
+
 def train_command(entry: Entry, common: list[str], seed: int, directory: Path, nproc: int) -> list[str]:
     args = ["-m", "trainer", "train", entry.path, *common, *entry.overrides,
             f"train.seed={seed}", f"run.dir={directory}", "run.progress=false"]
@@ -184,25 +209,48 @@ def train_command(entry: Entry, common: list[str], seed: int, directory: Path, n
 
 
 def train_one(entry: Entry, common: list[str], seed: int, directory: Path, nproc: int) -> float:
-    """Train (or resume) one run in a child process; its console goes to `directory/compare.log`."""
+    """Train (or resume) one run in a child process; its console goes to `directory/compare.log`.
+
+    The child runs in a session of its own, so a Ctrl-C reaches compare only: compare then sends
+    the child one SIGTERM, which makes it save a checkpoint after its current step and exit, and
+    waits for that (a second Ctrl-C kills it instead)."""
+    from .checkpoint import complete_checkpoints
+
     directory.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    log = directory / "compare.log"
+    log, record = directory / "compare.log", directory / RUN_RECORD
+    earlier = json.loads(record.read_text())["wall_s"] if record.is_file() else 0.0  # attempts before this one
+    offset = log.stat().st_size if log.exists() else 0
     start = time.perf_counter()
     with open(log, "a") as console:
-        rc = subprocess.call(train_command(entry, common, seed, directory, nproc), env=env,
-                             stdout=console, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
+        child = subprocess.Popen(train_command(entry, common, seed, directory, nproc), env=env, stdout=console,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = child.wait()
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait()
+            except KeyboardInterrupt:
+                child.kill()
+                raise
+            saved = "saved a checkpoint, and the same command resumes it" if complete_checkpoints(directory) else \
+                "stopped before its first checkpoint, and the same command starts it again"
+            raise CompareInterrupted(f"compare: interrupted; {entry.label} seed {seed} ({directory}) {saved}") from None
+        finally:
+            wall = earlier + time.perf_counter() - start
+            record.write_text(json.dumps({"wall_s": wall}))
     if rc != 0:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        with open(log, errors="replace") as console:
+            console.seek(offset)  # this attempt's lines only: the log keeps every attempt
+            lines = [line.strip() for line in console.read().splitlines() if line.strip()]
         ours = [line for line in lines if line.startswith("error:")]  # the trainer's own one-line errors
         reason = f": {(ours or lines or [''])[-1]}"
         raise RunFailedError(f"compare: training {entry.label} seed {seed} failed (exit {rc}); console in {log}{reason}")
-    if not finished(directory, entry.cfg.train.steps):  # e.g. stopped by a signal: it saved a checkpoint, exit 0
-        raise RunFailedError(f"compare: {entry.label} seed {seed} stopped before step {entry.cfg.train.steps}; "
-                             f"run the same command to resume it (console in {log})")
-    (directory / RUN_RECORD).write_text(json.dumps({"wall_s": wall}))
+    if not finished(directory, entry.cfg.train.steps):  # stopped by a signal from elsewhere: saved, exit 0
+        raise RunFailedError(f"compare: {entry.label} seed {seed} stopped before step {entry.cfg.train.steps} (a "
+                             f"signal?); the same command resumes it (console in {log})")
     return wall
 
 
@@ -211,18 +259,18 @@ def seed_result(directory: Path, seed: int, steps: int) -> SeedResult:
 
     records = read_metrics(directory)
     curve = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
-    speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
-    speeds = speeds[1:] or speeds  # the first interval includes the warm-up
+    speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]  # per logged interval
     record = directory / RUN_RECORD
     wall = json.loads(record.read_text())["wall_s"] if record.is_file() else records[-1].get("elapsed_s", math.nan)
     final = next(v for s, v in reversed(curve) if s == steps)
-    return SeedResult(seed, final, curve, sum(speeds) / len(speeds) if speeds else math.nan, wall)
+    # the median interval: the warm-up after a start or a resume does not skew it
+    return SeedResult(seed, final, curve, statistics.median(speeds) if speeds else math.nan, wall)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[float]) -> tuple[float, Optional[float]]:
     mean = sum(values) / len(values)
     if len(values) < 2:
-        return mean, 0.0
+        return mean, None  # one seed: no spread
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
@@ -284,6 +332,7 @@ def compare(items: list[str], seeds: int, nproc: int, out: str,
             if finished(directory, steps):
                 verb = "reused"
             else:
+                restart_without_checkpoint(directory, say)
                 train_one(entry, common, seed, directory, nproc)
                 verb = "trained"
             result = seed_result(directory, seed, steps)

@@ -20,6 +20,7 @@ STEPS = 4
 COMMON = [*SMALL, f"train.steps={STEPS}", "train.eval_every=2", "ckpt.every=0"]
 MOE = f"{TINY}:parallel.ep=2"
 DENSE = f"{TINY}:moe.num_experts=0,model.dense_d_ff=64"  # top-2 of 4 x 32: 64 active FFN units
+DENSE_SLUG = "tiny-num_experts-0-dense_d_ff-64"
 
 
 def compare(capsys, out, *items, seeds=2, nproc=2):
@@ -75,6 +76,16 @@ def test_compare_tabulates_its_runs_reuses_them_and_refuses_a_stale_one(capsys, 
     assert code == 0, err
     assert stdout.count("(reused,") == 4 and "trained" not in stdout
     assert (out / "compare.md").read_text() == markdown
+
+    # the final checkpoints evaluated afterwards, in one process, over the runs' own single val batch:
+    # the figures the runs logged at their last step
+    code, stdout, err = cli(capsys, "compare", MOE, DENSE, *COMMON, *data, "--seeds", "2", "--out", str(out),
+                            "--eval-batches", "1")
+    assert code == 0, err
+    assert "val loss (mean ± std, 2 seeds, 1 val batch)" in stdout
+    for row, slug in zip(json.loads((out / "compare.json").read_text())["rows"], ("tiny-ep-2", DENSE_SLUG)):
+        for seed in row["seeds"]:
+            assert seed["val_loss"] == pytest.approx(final_val(out / slug / f"seed{seed['seed']}"), rel=1e-5)
 
     # the same directories for another setting: refused before anything trains, nothing changed
     before = (out / "tiny-ep-2" / "seed1337" / "metrics.jsonl").read_text()

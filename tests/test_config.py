@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from trainer.__main__ import main
-from trainer.config import ConfigError, load_config, validate
+from trainer.config import ConfigError, config_from_dict, load_config, validate
 
 from .cli import REPO, run_cli
 
@@ -124,3 +125,17 @@ def test_every_config_key_is_listed_with_its_default_and_a_meaning(capsys):
     assert done.value.code == 0
     help_text = capsys.readouterr().out
     assert all(key in help_text for key, _, _ in rows)
+
+
+def test_eval_batches_0_is_the_whole_validation_split_once():
+    from trainer.data import TokenBatches
+    from trainer.train import eval_batch_count
+
+    cfg = config_from_dict({}, ["train.eval_batches=0", "train.batch_size=4"])
+    validate(cfg, 1)
+    batches = TokenBatches(torch.zeros(1000, dtype=torch.uint8), 16, 4, 0, 1, 0, False, "val")
+    assert batches.num_windows == 62 and eval_batch_count(cfg, batches) == 15  # 60 of 62 windows, none twice
+    cfg.train.eval_batches = 3
+    assert eval_batch_count(cfg, batches) == 3
+    with pytest.raises(ConfigError, match="train.eval_batches"):
+        validate(config_from_dict({}, ["train.eval_batches=-1"]), 1)

@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                             help="configs to compare, then overrides for all of them")
     comparison.add_argument("--seeds", type=int, default=3, help="seeds per config: train.seed + 0 .. N-1 (default 3)")
     comparison.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun; default 2)")
+    comparison.add_argument("--eval-batches", type=int, default=None, metavar="N",
+                            help="tabulate each run's final checkpoint evaluated over N validation batches "
+                                 "(python -m trainer eval; 0 = the whole split) instead of its own last val loss")
     comparison.add_argument("--out", default="runs/compare",
                             help="directory for each run (OUT/<config>/seed<S>), compare.md, compare.json and "
                                  "val_loss.png; finished runs there are reused (default runs/compare)")
@@ -113,7 +116,7 @@ def _run_compare(args) -> int:
 
     try:
         rows, written = compare(args.items + args.overrides, args.seeds, args.nproc, args.out,
-                                lambda line: print(line, flush=True))
+                                lambda line: print(line, flush=True), args.eval_batches)
     except CompareInterrupted as e:
         return _fail(str(e), EXIT_INTERRUPTED)
     except CompareError as e:

@@ -220,7 +220,8 @@ def train_one(entry: Entry, common: list[str], seed: int, directory: Path, nproc
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     log, record = directory / "compare.log", directory / RUN_RECORD
-    earlier = json.loads(record.read_text())["wall_s"] if record.is_file() else 0.0  # attempts before this one
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    earlier = saved.get("wall_s", 0.0)  # attempts before this one
     offset = log.stat().st_size if log.exists() else 0
     start = time.perf_counter()
     with open(log, "a") as console:
@@ -240,7 +241,7 @@ def train_one(entry: Entry, common: list[str], seed: int, directory: Path, nproc
             raise CompareInterrupted(f"compare: interrupted; {entry.label} seed {seed} ({directory}) {saved}") from None
         finally:
             wall = earlier + time.perf_counter() - start
-            record.write_text(json.dumps({"wall_s": wall}))
+            record.write_text(json.dumps({"wall_s": wall}))  # a (re)trained run: no final eval of it holds
     if rc != 0:
         with open(log, errors="replace") as console:
             console.seek(offset)  # this attempt's lines only: the log keeps every attempt
@@ -254,7 +255,26 @@ def train_one(entry: Entry, common: list[str], seed: int, directory: Path, nproc
     return wall
 
 
-def seed_result(directory: Path, seed: int, steps: int) -> SeedResult:
+def final_eval(directory: Path, eval_batches: int) -> float:
+    """The run's final checkpoint evaluated over `eval_batches` validation batches (0 = the whole
+    split) by `python -m trainer eval`, once: the result is kept in the run's compare record."""
+    record_path = directory / RUN_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    cached = record.get("final_eval", {}).get(str(eval_batches))
+    if cached is not None:
+        return cached
+    done = subprocess.run([sys.executable, "-m", "trainer", "eval", str(directory), f"train.eval_batches={eval_batches}"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()] or ["(no output)"]
+        raise RunFailedError(f"compare: evaluating {directory} failed (exit {done.returncode}): {lines[-1]}")
+    val_loss = json.loads(done.stdout.strip().splitlines()[-1])["val_loss"]
+    record.setdefault("final_eval", {})[str(eval_batches)] = val_loss
+    record_path.write_text(json.dumps(record))
+    return val_loss
+
+
+def seed_result(directory: Path, seed: int, steps: int, eval_batches: Optional[int] = None) -> SeedResult:
     from .tracking import read_metrics
 
     records = read_metrics(directory)
@@ -262,7 +282,8 @@ def seed_result(directory: Path, seed: int, steps: int) -> SeedResult:
     speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]  # per logged interval
     record = directory / RUN_RECORD
     wall = json.loads(record.read_text())["wall_s"] if record.is_file() else records[-1].get("elapsed_s", math.nan)
-    final = next(v for s, v in reversed(curve) if s == steps)
+    final = next(v for s, v in reversed(curve) if s == steps) if eval_batches is None else final_eval(directory,
+                                                                                                     eval_batches)
     # the median interval: the warm-up after a start or a resume does not skew it
     return SeedResult(seed, final, curve, statistics.median(speeds) if speeds else math.nan, wall)
 
@@ -297,9 +318,12 @@ def summarise(entries: list[Entry], results: dict[str, list[SeedResult]]) -> lis
     return rows
 
 
-def markdown(rows: list[dict], n_seeds: int) -> str:
+def markdown(rows: list[dict], n_seeds: int, eval_batches: Optional[int] = None) -> str:
     first, spread = rows[0]["config"], n_seeds > 1  # one seed has no spread to show
-    loss_head = f"val loss (mean ± std, {n_seeds} seeds)" if spread else "val loss (1 seed)"
+    what = [f"mean ± std, {n_seeds} seeds" if spread else "1 seed"]
+    if eval_batches is not None:  # the final checkpoints evaluated afterwards
+        what.append("whole val split" if eval_batches == 0 else f"{eval_batches} val batch{'es' * (eval_batches > 1)}")
+    loss_head = f"val loss ({', '.join(what)})"
     lines = [f"| config | {loss_head} | vs {first}{' (paired ± std)' if spread else ''} | tokens/s (median) | "
              f"active params | total params | wall time per run (median) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -311,10 +335,12 @@ def markdown(rows: list[dict], n_seeds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(items: list[str], seeds: int, nproc: int, out: str,
-            say: Callable[[str], None] = print) -> tuple[list[dict], list[Path]]:
-    if seeds < 1 or nproc < 1:
-        raise CompareError("compare: --seeds and --nproc must be >= 1")
+def compare(items: list[str], seeds: int, nproc: int, out: str, say: Callable[[str], None] = print,
+            eval_batches: Optional[int] = None) -> tuple[list[dict], list[Path]]:
+    """`eval_batches`: None = each run's own val loss at its last step; N = its final checkpoint
+    evaluated over N validation batches afterwards (0 = the whole split)."""
+    if seeds < 1 or nproc < 1 or (eval_batches is not None and eval_batches < 0):
+        raise CompareError("compare: --seeds and --nproc must be >= 1, --eval-batches >= 0")
     out_dir = Path(out)
     entries = load_entries(items, nproc)
     common = parse_items(items)[1]
@@ -335,16 +361,16 @@ def compare(items: list[str], seeds: int, nproc: int, out: str,
                 restart_without_checkpoint(directory, say)
                 train_one(entry, common, seed, directory, nproc)
                 verb = "trained"
-            result = seed_result(directory, seed, steps)
+            result = seed_result(directory, seed, steps, eval_batches)
             results[entry.label].append(result)
             say(f"[{done}/{total}] {entry.label} seed {seed}: val_loss {result.val_loss:.4f} ({verb}, "
                 f"{result.wall_s:.0f} s) in {directory}")
     rows = summarise(entries, results)
-    table = markdown(rows, seeds)
+    table = markdown(rows, seeds, eval_batches)
     written = [out_dir / "compare.md", out_dir / "compare.json"]
     written[0].write_text(table)
     written[1].write_text(json.dumps({"steps": steps, "seeds": seed_list, "nproc": nproc, "common_overrides": common,
-                                      "rows": rows}, indent=1))
+                                      "final_eval_batches": eval_batches, "rows": rows}, indent=1))
     plot = plot_curves(rows, out_dir, say)
     return rows, written + ([plot] if plot else [])
 

@@ -87,7 +87,7 @@ class TrainConfig:
     skip_nonfinite: int = 0  # steps with a non-finite loss or grad norm that may be skipped; 0 = stop at the first
     seed: int = 1337  # seeds the initialisation (layout-independent) and the data order
     eval_every: int = 100  # 0 = only at the end
-    eval_batches: int = 4  # global batches of the validation split per evaluation
+    eval_batches: int = 4  # global batches of the validation split per evaluation; 0 = the whole split, each window once
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 (autocast; router and losses stay fp32)
     engine: str = "native"  # native (our gradient sync + AdamW) | deepspeed (DeepSpeed's engine and ZeRO optimizer)
@@ -295,9 +295,11 @@ def validate(cfg: Config, world_size: int) -> None:
         ("model.seq_len", m.seq_len), ("model.vocab_size", m.vocab_size), ("model.moe_every", m.moe_every),
         ("moe.d_ff", e.d_ff), ("parallel.ep", p.ep), ("train.steps", t.steps),
         ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
-        ("train.eval_batches", t.eval_batches), ("run.log_every", r.log_every),
+        ("run.log_every", r.log_every),
     ]:
         _require(value >= 1, key, f"must be >= 1, got {value}")
+    _require(t.eval_batches >= 0, "train.eval_batches", f"must be >= 0 (0 = the whole validation split), "
+                                                         f"got {t.eval_batches}")
     _require(m.d_model % m.n_heads == 0, "model.n_heads",
              f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads",

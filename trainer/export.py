@@ -23,7 +23,7 @@ from .checkpoint import (META_FILE, CheckpointError, Found, check_model_shapes, 
 from .config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict
 from .dist import Layout
 from .model import Transformer
-from .train import build_model, evaluate, full_model_on_meta
+from .train import build_model, eval_batch_count, evaluate, full_model_on_meta
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
@@ -162,4 +162,4 @@ def eval_checkpoint(path: str | Path, overrides: list[str], warn=lambda line: No
     batches = TokenBatches(corpus.val, cfg.model.seq_len, cfg.train.batch_size, 0, 1, cfg.train.seed, False, "val")
     val_loss = evaluate(model, cfg, one_process_layout(device), batches)
     return {"val_loss": val_loss, "step": step, "source": source, "data": corpus.description,
-            "eval_batches": cfg.train.eval_batches, "batch_size": cfg.train.batch_size}
+            "eval_batches": eval_batch_count(cfg, batches), "batch_size": cfg.train.batch_size}

@@ -161,11 +161,16 @@ def train_step(tr: Trainer, inputs: torch.Tensor, targets: torch.Tensor, lr: flo
 
 
 @torch.no_grad()
+def eval_batch_count(cfg: Config, batches: TokenBatches) -> int:
+    """`train.eval_batches`, or for 0 every window of the split once (at least one batch)."""
+    return cfg.train.eval_batches or max(1, batches.num_windows // batches.global_batch)
+
+
 def evaluate(model: Transformer, cfg: Config, layout: Layout, batches: TokenBatches) -> float:
-    """LM loss over `train.eval_batches` global validation batches, weighted by token; every rank takes part."""
+    """LM loss over `eval_batch_count` global validation batches, weighted by token; every rank takes part."""
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=layout.device)  # summed cross-entropy, scored tokens
-    for index in range(cfg.train.eval_batches):
+    for index in range(eval_batch_count(cfg, batches)):
         inputs, targets = (t.to(layout.device) for t in batches.batch(index))
         with autocast_context(cfg, layout.device):
             ce_sum = model(inputs, targets, lm_tokens=1.0).lm_loss

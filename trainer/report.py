@@ -121,20 +121,31 @@ def plot_expert_load(run: Run, out: Path, plt) -> Optional[Path]:
 
 
 def plot_val_comparison(curves: list[tuple[str, list[int], list[list[float]]]], path: Path) -> Path:
-    """`compare`'s overlay: per config (label, steps, each step's val losses over seeds), the mean
-    as a line and the min-max over seeds as a band."""
+    """`compare`'s overlay: per config (label, steps, each step's val losses over seeds, seeds in the
+    same order for every config). Left: the mean as a line, the min-max over seeds as a band.
+    Right: each config against the first, the mean over seeds of the same-seed relative difference."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, (ax, rel_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
+    base_label, base_steps, base_values = curves[0]
+    base = dict(zip(base_steps, base_values))
     for i, (label, steps, values) in enumerate(curves):
-        mean = [sum(v) / len(v) for v in values]
-        ax.plot(steps, mean, "o-", color=f"C{i}", markersize=3, label=f"{label} ({len(values[0]) if values else 0} seeds)")
-        if values and len(values[0]) > 1:
+        seeds = len(values[0]) if values else 0
+        ax.plot(steps, [sum(v) / len(v) for v in values], "o-", color=f"C{i}", markersize=3,
+                label=f"{label} ({seeds} seed{'s' * (seeds != 1)})")
+        if seeds > 1:
             ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=f"C{i}", alpha=0.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("val loss (nats/token)")
+        paired = [(step, [100 * (x / b - 1) for x, b in zip(v, base[step])]) for step, v in zip(steps, values)
+                  if step in base and len(base[step]) == len(v)]
+        rel_ax.plot([s for s, _ in paired], [sum(r) / len(r) for _, r in paired], "o-", color=f"C{i}", markersize=3,
+                    label=label)
     ax.set_title("held-out loss: mean over seeds, band = min-max")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("val loss (nats/token)")
+    rel_ax.set_title(f"against {base_label}, seed by seed (mean)")
+    rel_ax.set_ylabel(f"val loss vs {base_label} (%)")
+    for a in (ax, rel_ax):
+        a.set_xlabel("step")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
     return _save(fig, path, plt)
 
 

@@ -160,12 +160,12 @@ def train_step(tr: Trainer, inputs: torch.Tensor, targets: torch.Tensor, lr: flo
     return StepResult(losses, norm, routing, applied, stop, routed_LE, entropy_host_L if routed_LE is not None else None)
 
 
-@torch.no_grad()
 def eval_batch_count(cfg: Config, batches: TokenBatches) -> int:
     """`train.eval_batches`, or for 0 every window of the split once (at least one batch)."""
     return cfg.train.eval_batches or max(1, batches.num_windows // batches.global_batch)
 
 
+@torch.no_grad()
 def evaluate(model: Transformer, cfg: Config, layout: Layout, batches: TokenBatches) -> float:
     """LM loss over `eval_batch_count` global validation batches, weighted by token; every rank takes part."""
     model.eval()

@@ -113,9 +113,11 @@ def test_a_failed_run_stops_the_comparison_and_keeps_the_finished_ones(capsys, t
     assert not (out / "compare.md").exists()
 
 
-def test_ctrl_c_saves_the_run_in_progress_and_the_same_command_resumes_it(tmp_path, corpus):
-    """SIGINT reaches compare only (its runs have a session of their own); it sends the run one
-    SIGTERM, waits for its checkpoint, exits 130, and the same command continues from there."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_saves_the_run_in_progress_and_the_same_command_resumes_it(tmp_path, corpus, signum):
+    """Ctrl-C (or a scheduler's SIGTERM) reaches compare only, its runs having a session of their
+    own; it sends the run one SIGTERM, waits for its checkpoint, exits 130, and the same command
+    continues from there."""
     out = tmp_path / "cmp"
     args = [sys.executable, "-m", "trainer", "compare", TINY, *COMMON, "train.steps=400", *files_data(corpus),
             "--seeds", "1", "--nproc", "1", "--out", str(out)]
@@ -125,7 +127,7 @@ def test_ctrl_c_saves_the_run_in_progress_and_the_same_command_resumes_it(tmp_pa
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    first.send_signal(signal.SIGINT)
+    first.send_signal(signum)
     _, err = first.communicate(timeout=120)
     assert first.returncode == 130, err
     assert err.splitlines()[-1].startswith(f"error: compare: interrupted; tiny seed 1337 ({out / 'tiny' / 'seed1337'}) "

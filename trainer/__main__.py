@@ -111,8 +111,19 @@ def _run_bench(args) -> int:
         return _fail(f"config: {e}", EXIT_BAD_INPUT)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _run_compare(args) -> int:
+    import signal
+
     from .compare import CompareError, CompareInterrupted, RunFailedError, compare
+
+    # SIGTERM (a scheduler's preemption) as Ctrl-C: the run in progress saves before compare exits; and
+    # SIGINT even where a background launch left it ignored
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     try:
         rows, written = compare(args.items + args.overrides, args.seeds, args.nproc, args.out,

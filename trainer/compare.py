@@ -30,9 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import yaml
-
-from .config import Config, ConfigError, load_config, to_dict, validate
+from .config import Config, ConfigError, load_config, validate
 
 # what makes two runs comparable: a config may differ in anything else (its model, router, lr ...)
 MATCHED_KEYS = ("train.steps", "train.batch_size", "train.grad_accum", "train.seed", "train.eval_every",
@@ -154,27 +152,19 @@ def run_dir(out: Path, entry: Entry, seed: int) -> Path:
     return out / entry.slug / f"seed{seed}"
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_run_dir_holds(directory: Path, cfg: Config) -> None:
     """A run.dir left by an earlier comparison must hold this very config, or its figures would lie."""
     saved_path = directory / "config.yaml"
     if not saved_path.is_file():
         return
+    from .agreement import flat_config  # the dotted keys ranks compare at start-up
+
     try:
-        saved = _flat(to_dict(load_config(saved_path)))
+        saved = flat_config(load_config(saved_path))
     except ConfigError as e:
         raise CompareError(f"compare: {directory} holds a run whose config cannot be read ({e}); remove it or pass "
                            f"another --out") from None
-    wanted = _flat(to_dict(cfg))
+    wanted = flat_config(cfg)
     for key, value in wanted.items():
         if not key.startswith(NOT_IDENTITY) and saved.get(key) != value:
             raise CompareError(f"compare: {directory} holds a run with {key}={saved.get(key)}, this comparison wants "
@@ -220,8 +210,7 @@ def train_one(entry: Entry, common: list[str], seed: int, directory: Path, nproc
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     log, record = directory / "compare.log", directory / RUN_RECORD
-    saved = json.loads(record.read_text()) if record.is_file() else {}
-    earlier = saved.get("wall_s", 0.0)  # attempts before this one
+    earlier = json.loads(record.read_text()).get("wall_s", 0.0) if record.is_file() else 0.0  # earlier attempts
     offset = log.stat().st_size if log.exists() else 0
     start = time.perf_counter()
     with open(log, "a") as console:
@@ -236,9 +225,9 @@ def train_one(entry: Entry, common: list[str], seed: int, directory: Path, nproc
             except KeyboardInterrupt:
                 child.kill()
                 raise
-            saved = "saved a checkpoint, and the same command resumes it" if complete_checkpoints(directory) else \
+            outcome = "saved a checkpoint, and the same command resumes it" if complete_checkpoints(directory) else \
                 "stopped before its first checkpoint, and the same command starts it again"
-            raise CompareInterrupted(f"compare: interrupted; {entry.label} seed {seed} ({directory}) {saved}") from None
+            raise CompareInterrupted(f"compare: interrupted; {entry.label} seed {seed} ({directory}) {outcome}") from None
         finally:
             wall = earlier + time.perf_counter() - start
             record.write_text(json.dumps({"wall_s": wall}))  # a (re)trained run: no final eval of it holds
@@ -289,10 +278,8 @@ def seed_result(directory: Path, seed: int, steps: int, eval_batches: Optional[i
 
 
 def _mean_std(values: list[float]) -> tuple[float, Optional[float]]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None  # one seed: no spread
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    """Mean and sample standard deviation; one seed has no spread (None)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def summarise(entries: list[Entry], results: dict[str, list[SeedResult]]) -> list[dict]:

@@ -2,7 +2,8 @@
 
 | module | job |
 | --- | --- |
-| `corpus.py` | sources (the stdlib's own `.py` files, local `.txt`/`.jsonl`/`.parquet`), fingerprints, the split |
+| `corpus.py` | what a source of documents is, fingerprints, the split, the stdlib's own `.py` files |
+| `files.py` | local files as a source: `.txt` and other plain files, `.jsonl`/`.parquet` rows |
 | `hf.py` | what goes through `datasets` (table files, hub datasets) and the offline check of the hub |
 | `tokenizer.py` | bytes, a BPE trained on the training split, or a pretrained tokenizer; `tokenizer.json` |
 | `cache.py` | `data.cache_dir`: build once under a lock, publish by rename |
@@ -28,12 +29,11 @@ import numpy as np
 from ..config import DataConfig
 from .batches import TokenBatches
 from .cache import cache_root
-from .corpus import (DOC_SEPARATOR, DataError, Source, files_source, is_val_document, split_documents, stdlib_source,
-                     stdlib_sources)
+from .corpus import DOC_SEPARATOR, DataError, Source, is_val_document, split_documents, stdlib_source, stdlib_sources
+from .files import files_source
 from .hf import dataset_script_problem, hub_source
 from .shards import open_shards
-from .tokenizer import (BYTES, TOKENIZER_FILE, Tokenizer, resolve_tokenizer, save_tokenizer, saved_tokenizer,
-                        token_dtype)
+from .tokenizer import BYTES, TOKENIZER_FILE, Tokenizer, resolve_tokenizer, save_tokenizer, saved_tokenizer, token_dtype
 
 __all__ = ["BYTES", "Corpus", "DOC_SEPARATOR", "DataError", "TOKENIZER_FILE", "TokenBatches", "Tokenizer",
            "check_corpus", "dataset_script_problem", "is_val_document", "load_corpus", "open_source",

@@ -1,4 +1,6 @@
-"""Documents: where a corpus comes from, its fingerprint, and the train/validation split.
+"""Documents: what a source of them is, its fingerprint, the train/validation split, and the
+stdlib's own sources (the default corpus). Local files are `files.py`, `datasets` is `hf.py`;
+this module reads neither.
 
 A `Source` yields `(name, text)` documents, in the same order on every pass. Its fingerprint
 is known before anything is read for tokenising: it hashes the bytes of local files (the
@@ -13,7 +15,6 @@ the whole stream is held out instead.
 
 from __future__ import annotations
 
-import glob as globlib
 import hashlib
 import itertools
 import os
@@ -24,7 +25,6 @@ from typing import Callable, Iterator, Union
 
 DOC_SEPARATOR = b"\n\n"
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # read by `datasets`, a row per document
 
 Text = Union[str, bytes]  # plain files are read as bytes (the bytes tokenizer takes them as they are)
 Document = tuple[str, Text]
@@ -76,7 +76,7 @@ def fingerprint_of(named_digests: Iterator[tuple[str, bytes]], *settings: str) -
     return h.hexdigest()[:16]
 
 
-def _limited(documents: Callable[[], Iterator[Document]], max_documents: int) -> Callable[[], Iterator[Document]]:
+def limited(documents: Callable[[], Iterator[Document]], max_documents: int) -> Callable[[], Iterator[Document]]:
     if max_documents <= 0:
         return documents
     return lambda: itertools.islice(documents(), max_documents)
@@ -102,52 +102,3 @@ def stdlib_source(max_documents: int) -> Source:
     names = [str(p.relative_to(root)) for p in files]
     fingerprint = fingerprint_of(((n, file_digest(p)) for n, p in zip(names, files)))
     return Source(f"stdlib {root}", fingerprint, lambda: ((n, p.read_bytes()) for n, p in zip(names, files)))
-
-
-# ----------------------------------------------------------------------------- local files
-
-
-def resolve_files(path: str, pattern: str) -> tuple[Path, list[Path], str]:
-    """(root the names are relative to, the files in sorted order, a description) of `data.path`:
-    one file, a directory (files matching `data.glob`) or a glob pattern."""
-    given = Path(path).expanduser()
-    if given.is_file():
-        return given.parent, [given], f"file {given}"
-    if given.is_dir():
-        files = sorted(p for p in given.glob(pattern) if p.is_file())
-        if not files:
-            raise DataError(f"data.glob: no file under {given} matches {pattern!r}")
-        return given, files, f"files {given}/{pattern}"
-    if globlib.has_magic(str(given)):
-        files = sorted(Path(p) for p in globlib.glob(str(given), recursive=True) if Path(p).is_file())
-        if not files:
-            raise DataError(f"data.path: no file matches the pattern {path}")
-        root = Path(*itertools.takewhile(lambda part: not globlib.has_magic(part), given.parts))
-        return root, files, f"files {given}"
-    raise DataError(f"data.path: {given} is neither a file, a directory nor a glob pattern that matches files")
-
-
-def files_source(path: str, pattern: str, text_field: str, max_documents: int) -> Source:
-    """`.txt` and other plain files are one document each; `.jsonl`/`.json`/`.parquet` files
-    hold a document per row (the `data.text_field` column), read through `datasets`."""
-    root, files, description = resolve_files(path, pattern)
-    tables = [p for p in files if p.suffix in TABLE_BUILDERS]
-    if max_documents > 0 and not tables:
-        files = files[:max_documents]  # only these are read: only these count
-    names = [str(p.relative_to(root)) for p in files]
-    settings = [f"text_field={text_field}"] if tables else []
-    if max_documents > 0:
-        settings.append(f"max_documents={max_documents}")
-    fingerprint = fingerprint_of(((n, file_digest(p)) for n, p in zip(names, files)), *settings)
-
-    def documents() -> Iterator[Document]:
-        from .hf import table_texts
-
-        for name, file in zip(names, files):
-            if file.suffix in TABLE_BUILDERS:
-                for row, text in table_texts(file, TABLE_BUILDERS[file.suffix], text_field):
-                    yield f"{name}#{row}", text
-            else:
-                yield name, file.read_bytes()
-
-    return Source(description, fingerprint, _limited(documents, max_documents))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 from urllib.parse import urlparse
 
-from .corpus import DataError, Document, Source, _limited, file_digest, fingerprint_of
+from .corpus import DataError, Document, Source, file_digest, fingerprint_of, limited
 
 SETUP_HINT = "run `bash launch/setup.sh --hf` (or pip install -e '.[hf]')"
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -188,4 +188,4 @@ def hub_source(name: str, config: Optional[str], data_files: Optional[str], spli
             raise DataError(f"data.hf_name: reading {what} failed: {first_line(e)}") from None
 
     description = f"hf {name}/{config or '-'}:{split}" + (" (streamed)" if streaming else "")
-    return Source(description, fingerprint, _limited(documents, max_documents))
+    return Source(description, fingerprint, limited(documents, max_documents))

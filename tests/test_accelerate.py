@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from tests.cli import REPO, run_cli
-from trainer.tracking import read_metrics
+from trainer.run.tracking import read_metrics
 
 pytest.importorskip("accelerate", reason="needs the accelerate extra (launch/setup.sh --dev has it)")
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.agreement import ReplicaMismatchError, StartReport, check_replicas_identical, verdict
+from trainer.build import build_model
 from trainer.config import Config
-from trainer.dist import make_layout
 from trainer.moe.experts import expert_parameters
-from trainer.train import build_model
+from trainer.parallel.dist import make_layout
+from trainer.run.agreement import ReplicaMismatchError, StartReport, check_replicas_identical, verdict
 
 from .cli import REPO
 from .distributed import free_port, run_processes

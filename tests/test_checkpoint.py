@@ -12,14 +12,13 @@ import json
 import pytest
 import torch
 
-from trainer.checkpoint import (CheckpointError, TrainState, check_model_shapes, expected_model_shapes,
-                                latest_checkpoint, load_checkpoint, model_entries, optimizer_entries,
-                                save_checkpoint, verify)
+from trainer.build import build_trainer
 from trainer.config import Config, to_dict
-from trainer.dist import make_layout
 from trainer.model import Transformer
 from trainer.moe import Experts
-from trainer.train import build_trainer
+from trainer.parallel.dist import make_layout
+from trainer.run.checkpoint import TrainState, expected_model_shapes, load_checkpoint, model_entries, save_checkpoint
+from trainer.run.checkpoint_files import CheckpointError, check_model_shapes, latest_checkpoint, saved_shapes, verify
 
 from .distributed import run_processes
 
@@ -50,7 +49,7 @@ def _mark_and_save(rank, world_size, run_dir, ep):
     cfg = small_config(ep)
     layout = make_layout(cfg.parallel, CPU)
     tr = build_trainer(cfg, layout)
-    optimizer_entries(tr.model, tr.engine.optimizer, create=True)  # AdamW state, as after a first step
+    tr.engine.optimizer_state(for_loading=True)  # zeroed AdamW state for every parameter, as after a first step
     with torch.no_grad():
         for layer, experts in expert_modules(tr.model):
             for t, name in enumerate(EXPERT_TENSORS):
@@ -179,7 +178,7 @@ def test_a_model_that_does_not_fit_the_config_names_the_first_tensor(tmp_path, k
 
 
 def test_a_checkpoint_older_than_a_buffer_still_loads_and_the_buffer_keeps_its_initial_value(tmp_path, monkeypatch):
-    import trainer.checkpoint as checkpoint
+    import trainer.run.checkpoint as checkpoint
 
     cfg = small_config(1)
     real = checkpoint.model_entries
@@ -191,7 +190,7 @@ def test_a_checkpoint_older_than_a_buffer_still_loads_and_the_buffer_keeps_its_i
     monkeypatch.setattr(checkpoint, "model_entries", without_buffers)
     path = _save_one_process(tmp_path, cfg)
     monkeypatch.setattr(checkpoint, "model_entries", real)
-    assert not any("expert_bias_E" in k for k in checkpoint.saved_shapes(path))
+    assert not any("expert_bias_E" in k for k in saved_shapes(path))
 
     def meta_model():
         with torch.device("meta"):

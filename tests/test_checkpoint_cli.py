@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from trainer.checkpoint import CheckpointError, verify
-from trainer.tracking import read_metrics
+from trainer.run.checkpoint_files import CheckpointError, verify
+from trainer.run.tracking import read_metrics
 
 from .test_guards_cli import SMALL, TINY, assert_one_line_refusal, cli, corpus, files_data, one_process  # noqa: F401
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.tracking import read_metrics
+from trainer.run.tracking import read_metrics
 
 from .cli import REPO, run_cli
 

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from trainer.tracking import read_metrics
+from trainer.run.tracking import read_metrics
 
 from .cli import REPO
 from .test_guards_cli import SMALL, TINY, cli, corpus, files_data, one_process  # noqa: F401

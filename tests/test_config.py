@@ -128,8 +128,8 @@ def test_every_config_key_is_listed_with_its_default_and_a_meaning(capsys):
 
 
 def test_eval_batches_0_is_the_whole_validation_split_once():
+    from trainer.build import eval_batch_count
     from trainer.data import TokenBatches
-    from trainer.train import eval_batch_count
 
     cfg = config_from_dict({}, ["train.eval_batches=0", "train.batch_size=4"])
     validate(cfg, 1)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.cli import REPO, run_cli
 from trainer.__main__ import main
-from trainer.tracking import read_metrics
+from trainer.run.tracking import read_metrics
 
 pytest.importorskip("deepspeed", reason="needs DeepSpeed (launch/setup.sh --dev or --deepspeed installs it)")
 
@@ -136,10 +136,10 @@ def _group_timeouts_worker(rank, world_size):
     import torch
     from deepspeed.utils import groups as ds_groups
 
+    from trainer.build import build_model
     from trainer.config import config_from_dict
-    from trainer.dist import make_layout
     from trainer.engines import build_engine
-    from trainer.train import build_model
+    from trainer.parallel.dist import make_layout
 
     cfg = config_from_dict({}, ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.seq_len=32",
                                 "moe.num_experts=4", "moe.d_ff=32", "train.batch_size=4", "parallel.ep=2",
@@ -167,7 +167,7 @@ def test_the_memory_check_counts_what_zero_partitions(stage, expected):
     """Weights 4 B, gradients 4 B, AdamW moments 8 B per parameter; ZeRO adds an fp32 master copy (4 B)
     and partitions it with the moments (stage 1) and the gradients (stage 2) over the world (here 4)."""
     from trainer.config import config_from_dict
-    from trainer.preflight import bytes_per_param
+    from trainer.run.preflight import bytes_per_param
 
     engine = ["train.engine=deepspeed", f"train.zero_stage={stage}"] if stage else []
     assert bytes_per_param(config_from_dict({}, engine), world_size=4) == pytest.approx(expected)

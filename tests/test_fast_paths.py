@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.moe import MoE
-from trainer.stage_timing import StageClock, staged_forward_backward
+from trainer.tools.stage_timing import StageClock, staged_forward_backward
 
 D, F_DIM, T, K = 32, 64, 96, 2
 AUX, Z = 0.01, 0.001

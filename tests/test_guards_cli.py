@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from trainer.__main__ import main
-from trainer.tracking import LOSS_FIELDS, read_metrics
+from trainer.run.tracking import LOSS_FIELDS, read_metrics
 
 from .cli import REPO, run_cli
 
@@ -432,8 +432,8 @@ def test_run_dir_error_prints_once_under_torchrun(tmp_path, corpus):
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_says_so_once(capsys, tmp_path, corpus, monkeypatch):
-    from trainer import preflight
     from trainer.config import load_config
+    from trainer.run import preflight
 
     cfg = load_config(TINY, ["train.dtype=bf16", "train.device=cpu"])
     assert "train.dtype=bf16" in preflight.bf16_cpu_note(cfg, capabilities={"avx2": True})

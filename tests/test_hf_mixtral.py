@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import Config, config_from_dict
-from trainer.hf_mixtral import mixtral_problem
-from trainer.tracking import read_metrics
+from trainer.interop.hf_mixtral import mixtral_problem
+from trainer.run.tracking import read_metrics
 
 from .cli import run_cli
 from .test_guards_cli import TINY, assert_one_line_refusal, cli, corpus, files_data, one_process  # noqa: F401
@@ -31,7 +31,7 @@ def mixtral():
 
 
 def max_logit_difference(mixtral, hf_dir, ours_path) -> float:
-    from trainer.export import load_model
+    from trainer.interop.export import load_model
 
     hf = mixtral.from_pretrained(hf_dir).eval()
     ours, cfg = load_model(ours_path)

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import ParallelConfig
-from trainer.dist import make_layout
-from trainer.grad_sync import GradSync
 from trainer.moe import MoE
+from trainer.parallel.dist import make_layout
+from trainer.parallel.grad_sync import GradSync
 
 from .distributed import run_processes
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.tracking import read_metrics
+from trainer.run.tracking import read_metrics
 
 from .cli import REPO, run_cli
 
@@ -175,7 +175,7 @@ def test_resume_at_another_layout_continues_the_losses(tmp_path, reference, stop
 def test_a_kill_between_writing_and_publishing_keeps_the_previous_checkpoint(tmp_path, reference):
     run_dir = tmp_path / "run"
     # the run dies (as if SIGKILLed) right before publishing its step-40 checkpoint
-    script = ("import os, sys, trainer.checkpoint as c\n"
+    script = ("import os, sys, trainer.run.checkpoint as c\n"
               "real = c.publish\n"
               "def dying(partial, final, meta):\n"
               "    if meta['step'] == 40: os._exit(137)\n"

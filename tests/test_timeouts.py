@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import ParallelConfig
-from trainer.dist import make_layout
 from trainer.moe.collectives import CollectiveError, all_reduce_sum_
+from trainer.parallel.dist import make_layout
 
 from .cli import REPO
 from .distributed import free_port, run_processes

@@ -19,7 +19,7 @@ from trainer.data import DataError, check_corpus, is_val_document, load_corpus, 
 from trainer.data.cache import BUILDS_LOG
 from trainer.data.shards import shard_key
 from trainer.data.tokenizer import HFTokenizer, train_bpe
-from trainer.tracking import read_metrics
+from trainer.run.tracking import read_metrics
 
 from .cli import REPO, run_cli
 

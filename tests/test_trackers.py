@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from tests.cli import REPO, run_cli
-from trainer.tracking import read_metrics
+from trainer.run.tracking import read_metrics
 
 RUN = ["configs/tiny.yaml", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.seq_len=32",
        "moe.num_experts=4", "moe.d_ff=32", "train.batch_size=4", "train.eval_every=2", "train.eval_batches=1",

@@ -6,7 +6,7 @@ Dropless, fp32, aux and z losses on: per-step loss, gradient norm and the routin
 
 import pytest
 
-from trainer.tracking import read_metrics
+from trainer.run.tracking import read_metrics
 
 from .cli import run_cli
 

@@ -19,14 +19,15 @@ import os
 import pytest
 import torch
 
+from trainer.build import build_model, build_trainer
 from trainer.config import Config
 from trainer.data import TokenBatches
-from trainer.dist import Layout, make_layout
-from trainer.grad_sync import GradSync, split_dense_expert
 from trainer.model import Transformer
 from trainer.moe.collectives import all_gather_tensor
-from trainer.parallelize import parallelize
-from trainer.train import build_model, build_trainer, train_step
+from trainer.parallel.dist import Layout, make_layout
+from trainer.parallel.grad_sync import GradSync, split_dense_expert
+from trainer.parallel.parallelize import parallelize
+from trainer.train import train_step
 
 from .distributed import run_processes
 
@@ -299,7 +300,7 @@ def test_resident_memory_stays_flat():
 
 
 def test_routing_window_reports_spread_dead_experts_and_entropy_over_its_steps():
-    from trainer.tracking import RoutingWindow
+    from trainer.run.tracking import RoutingWindow
 
     window = RoutingWindow()
     assert window.summary() == {}  # a dense model reports nothing

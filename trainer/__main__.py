@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config, validate
 from .config_keys import format_config_keys
-from .dist import env_rank, env_world_size
+from .parallel.dist import env_rank, env_world_size
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                                  "val_loss.png; finished runs there are reused (default runs/compare)")
     bench = commands.add_parser("bench", help="MoE layer and training-step throughput against references measured "
                                                "in the same run (JSON lines); alone or under torchrun")
-    from .bench import add_arguments
+    from .tools.bench import add_arguments
 
     add_arguments(bench)
     bench.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for --config")
@@ -103,7 +103,7 @@ def _run_bench(args) -> int:
         # its d_model-2048 cases would run for a long time on a CPU and measure nothing it is for
         return _fail("bench: --preset gpu needs CUDA (torch.cuda.is_available() is False); use --preset reference "
                      "or quick here", EXIT_BAD_INPUT)
-    from .bench import run
+    from .tools.bench import run
 
     try:
         return run(args, args.overrides)
@@ -118,7 +118,7 @@ def _raise_interrupt(signum, frame):
 def _run_compare(args) -> int:
     import signal
 
-    from .compare import CompareError, CompareInterrupted, RunFailedError, compare
+    from .tools.compare import CompareError, CompareInterrupted, RunFailedError, compare
 
     # SIGTERM (a scheduler's preemption) as Ctrl-C: the run in progress saves before compare exits; and
     # SIGINT even where a background launch left it ignored
@@ -146,8 +146,8 @@ def _run_offline(args) -> int:
 
     import torch
 
-    from .checkpoint import CheckpointError
     from .data import DataError
+    from .run.checkpoint_files import CheckpointError
 
     def warn(line: str) -> None:
         print(line, file=sys.stderr)
@@ -155,17 +155,17 @@ def _run_offline(args) -> int:
     try:
         if args.command == "export":
             if args.format == "hf":
-                from .hf_mixtral import export_hf as export
+                from .interop.hf_mixtral import export_hf as export
             else:
-                from .export import export
+                from .interop.export import export
 
             found, weights = export(args.run_dir, args.out_dir, warn)
             kind = " as a Hugging Face Mixtral" if args.format == "hf" else ""
             print(f"exported step {found.step} (saved with {found.layout}){kind} to {weights}")
         elif args.command == "sample":
             from .data import saved_tokenizer
-            from .export import load_model
-            from .generate import decode, encode, generate
+            from .interop.export import load_model
+            from .interop.generate import decode, encode, generate
 
             if args.tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
                 return _fail("sample: --tokens and --temperature must be >= 0 and --top-k >= 1", EXIT_BAD_INPUT)
@@ -177,7 +177,7 @@ def _run_offline(args) -> int:
             new = generate(model, encode(args.prompt, tokenizer), args.tokens, args.temperature, args.top_k, generator)
             print(args.prompt + decode(new, tokenizer))
         else:
-            from .export import eval_checkpoint
+            from .interop.export import eval_checkpoint
 
             print(json.dumps(eval_checkpoint(args.run_dir, args.overrides, warn)))
     except ConfigError as e:
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return _run_bench(args)
     if args.command == "report":
-        from .report import ReportError, report
+        from .tools.report import ReportError, report
 
         try:
             for path in report(args.run_dirs, args.out, lambda line: print(line, file=sys.stderr)):
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg, world_size)
-        from .preflight import bf16_cpu_note, preflight  # imports torch: only once the config parses
+        from .run.preflight import bf16_cpu_note, preflight  # imports torch: only once the config parses
 
         preflight(cfg, world_size)
         note = bf16_cpu_note(cfg)
@@ -240,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_run_dir(cfg, config_path: str, world_size: int) -> int:
     """What `train` would do with run.dir, without changing it."""
-    from .checkpoint import CheckpointError
-    from .rundir import RunDirError, inspect_run_dir
-    from .train import checkpoint_to_resume
+    from .run.checkpoint_files import CheckpointError
+    from .run.rundir import RunDirError, inspect_run_dir
+    from .startup import checkpoint_to_resume
 
     run_dir = Path(cfg.run.dir)
     try:
@@ -257,12 +257,13 @@ def _check_run_dir(cfg, config_path: str, world_size: int) -> int:
 
 
 def _run_training(cfg) -> int:
-    from .agreement import AgreementError, ReplicaMismatchError
-    from .checkpoint import CheckpointError
     from .data import DataError
+    from .engines import NonFiniteError
     from .moe import LoadError
     from .moe.collectives import CollectiveError
-    from .train import NonFiniteError, train
+    from .run.agreement import AgreementError, ReplicaMismatchError
+    from .run.checkpoint_files import CheckpointError
+    from .train import train
 
     try:
         train(cfg)

@@ -364,10 +364,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     _choice(t.dtype, "train.dtype", ("fp32", "bf16"))
     _choice(t.engine, "train.engine", ("native", "deepspeed"))
-    if t.engine == "deepspeed":
-        from .engines.deepspeed_zero import check_deepspeed_settings  # reads train.deepspeed_config
-        check_deepspeed_settings(cfg)
-    else:
+    if t.engine != "deepspeed":  # the DeepSpeed settings and JSON are checked against the machine: preflight
         _require(t.zero_stage == 0, "train.zero_stage", f"needs train.engine=deepspeed, got {t.zero_stage}")
         _require(t.deepspeed_config is None, "train.deepspeed_config", "needs train.engine=deepspeed")
 

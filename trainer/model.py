@@ -3,7 +3,7 @@
 Shape legend: B batch, S sequence, D model dim, H heads, Hd head dim, V vocabulary.
 
 No distributed code here: the model is built without process groups (on the meta device when
-large) and `trainer.parallelize` applies the layout afterwards, then calls `init_weights`.
+large) and `trainer.parallel.parallelize` applies the layout afterwards, then calls `init_weights`.
 """
 
 from __future__ import annotations

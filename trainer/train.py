@@ -1,17 +1,13 @@
-"""The training loop: setup -> `train_step` -> log record, read top to bottom.
+"""The training loop: `train_step`, then log, evaluate and checkpoint, read top to bottom.
 
 One optimizer step consumes `train.batch_size` sequences in total, split evenly over the
-ranks and, on each rank, over `train.grad_accum` micro-batches.
-
-Start-up order matters: before the first collective that depends on the config, every rank
-has checked the machine (`preflight`, in the CLI), rank 0 holds the run.dir lock, and all
-ranks have compared configs and data over the world group (`agreement`). Only then are the
-EP groups created and the model materialised.
+ranks and, on each rank, over `train.grad_accum` micro-batches. What comes before the first
+step (the run.dir lock, the checkpoint to resume, the corpus, agreement) is `startup.py`;
+what the model, the engine, evaluation and the schedule are is `build.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -20,82 +16,20 @@ from typing import Optional
 
 import torch
 
-from .agreement import StartReport, check_replicas_identical, flat_config, require_agreement
-from .checkpoint import (CheckpointError, Found, TrainState, broadcast_found, check_model_shapes, config_of,
-                         expected_model_shapes, latest_checkpoint, load_checkpoint, remove_dead_saves,
-                         save_checkpoint)
+from .build import Trainer, autocast_context, build_trainer, evaluate, lr_at, spec_peak_bf16_flops
 from .config import Config, save_config, to_dict
-from .data import Corpus, DataError, TokenBatches, check_corpus, load_corpus, save_tokenizer
-from .dist import Layout, env_rank, init_world, make_layout, pick_device, shutdown
-from .engines import Engine, NonFiniteError, build_engine
-from .grad_sync import GradSync
-from .model import Transformer
+from .data import Corpus, TokenBatches, save_tokenizer
+from .engines import NonFiniteError
 from .moe import LoadError
 from .moe.collectives import CollectiveError, all_reduce_sum_
 from .moe.experts import expert_impl_used
-from .parallelize import parallelize
-from .preemption import StopRequest
-from .rundir import RunDirError, RunDirLock, holds_a_run_without_checkpoint
-from .tracking import (METRICS_FILE, RoutingWindow, StepStats, Tracker, console_log, eval_record, git_commit, print0,
-                       progress_bar, train_record, truncate_metrics)
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
-
-
-def spec_peak_bf16_flops(device: torch.device) -> Optional[float]:
-    """The spec sheet's dense bf16 FLOP/s of this GPU, if it is one we know; else None."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup to train.lr, then cosine decay to train.lr * train.min_lr_ratio (step from 0)."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
-
-
-def autocast_context(cfg: Config, device: torch.device):
-    if cfg.train.dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def full_model_on_meta(cfg: Config) -> Transformer:
-    """Every expert, no storage, no groups: what the config describes, for shape checks."""
-    with torch.device("meta"):
-        return Transformer(cfg.model, cfg.moe)
-
-
-def build_model(cfg: Config, layout: Layout) -> Transformer:
-    """Built on the meta device with no process groups, then sharded, materialised and initialised."""
-    return parallelize(full_model_on_meta(cfg), layout, cfg.train.seed, cfg.parallel.debug_splits)
-
-
-@dataclass
-class Trainer:
-    """What a step needs; built once by `build_trainer`."""
-
-    cfg: Config
-    layout: Layout
-    model: Transformer
-    engine: Engine  # native (GradSync + AdamW) or DeepSpeed: backward, gradient reduction, update
-
-    @property
-    def grad_sync(self) -> GradSync:
-        return self.engine.grad_sync
-
-
-def build_trainer(cfg: Config, layout: Layout) -> Trainer:
-    model = build_model(cfg, layout)
-    engine = build_engine(cfg, model, layout)
-    check_replicas_identical(model, engine.grad_sync.expert, layout.world_group, layout.expert_dp_group)
-    return Trainer(cfg, layout, model, engine)
+from .parallel.dist import Layout, shutdown
+from .run.checkpoint import TrainState, save_checkpoint
+from .run.checkpoint_files import Found
+from .run.preemption import StopRequest
+from .run.tracking import (RoutingWindow, StepStats, Tracker, console_log, eval_record, git_commit, print0,
+                           progress_bar, train_record)
+from .startup import resume, start
 
 
 @dataclass
@@ -160,81 +94,6 @@ def train_step(tr: Trainer, inputs: torch.Tensor, targets: torch.Tensor, lr: flo
     return StepResult(losses, norm, routing, applied, stop, routed_LE, entropy_host_L if routed_LE is not None else None)
 
 
-def eval_batch_count(cfg: Config, batches: TokenBatches) -> int:
-    """`train.eval_batches`, or for 0 every window of the split once (at least one batch)."""
-    return cfg.train.eval_batches or max(1, batches.num_windows // batches.global_batch)
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, cfg: Config, layout: Layout, batches: TokenBatches) -> float:
-    """LM loss over `eval_batch_count` global validation batches, weighted by token; every rank takes part."""
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=layout.device)  # summed cross-entropy, scored tokens
-    for index in range(eval_batch_count(cfg, batches)):
-        inputs, targets = (t.to(layout.device) for t in batches.batch(index))
-        with autocast_context(cfg, layout.device):
-            ce_sum = model(inputs, targets, lm_tokens=1.0).lm_loss
-        sums += torch.stack([ce_sum.double(), (targets != -100).sum().double()])
-    model.train()
-    all_reduce_sum_(sums, layout.world_group, "evaluation", "all_reduce of validation losses")
-    return (sums[0] / sums[1].clamp(min=1)).item()
-
-
-def checkpoint_to_resume(cfg: Config, run_dir: Path, warn=lambda line: print0(True, line)) -> Optional[Found]:
-    """The checkpoint this run continues from, or None for a fresh run; changes nothing (also
-    used by `check`). Damaged checkpoints are skipped with a warning; a model that does not fit
-    the config, or metrics with nothing to resume, is a one-line error."""
-    found = latest_checkpoint(run_dir, warn)
-    if found is None:
-        if (run_dir / METRICS_FILE).exists():
-            raise holds_a_run_without_checkpoint(run_dir)
-        return None
-    check_model_shapes(found, expected_model_shapes(lambda: full_model_on_meta(cfg)))
-    return found
-
-
-def prepare_resume(run_dir: Path, found: Found) -> None:
-    """Rank 0, once the checkpoint is known to fit: drop dead saves and the metrics lines a
-    dead run wrote after the checkpoint, so every step is logged once."""
-    try:
-        remove_dead_saves(run_dir)
-        truncate_metrics(run_dir, found.step)
-    except OSError as e:
-        raise RunDirError(f"run.dir: {run_dir} cannot be prepared for resuming: {e.strerror or e}") from None
-
-
-def start(cfg: Config) -> tuple[Layout, Corpus, Optional[RunDirLock], Optional[Found]]:
-    """Lock run.dir and pick the checkpoint to resume (rank 0), load the corpus, join the world
-    and agree, then build the layout."""
-    device = pick_device(cfg.train.device)
-    is_main = env_rank() == 0
-    problem, lock, corpus, found = None, None, None, None
-    if is_main:
-        try:
-            lock = RunDirLock(Path(cfg.run.dir)).acquire()
-            found = checkpoint_to_resume(cfg, Path(cfg.run.dir))
-            if found is not None:
-                prepare_resume(Path(cfg.run.dir), found)
-        except (RunDirError, CheckpointError) as e:
-            problem = str(e)
-    if problem is None:
-        try:
-            corpus = load_corpus(cfg.data, Path(cfg.run.dir), cfg.parallel.timeout_s)
-            check_corpus(corpus, cfg.model.vocab_size, cfg.model.seq_len)
-        except DataError as e:
-            problem = str(e)
-    world_group = init_world(cfg.parallel, device)
-    try:
-        report = StartReport(flat_config(cfg), corpus.fingerprint if corpus else None, problem)
-        require_agreement(report, world_group)
-        found = broadcast_found(found, world_group)
-        return make_layout(cfg.parallel, device), corpus, lock, found
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        shutdown()
-        raise
-
 
 def train(cfg: Config) -> dict:
     """Run training as configured, resuming from run.dir's latest checkpoint if it has one;
@@ -253,49 +112,11 @@ def train(cfg: Config) -> dict:
             lock.release()
 
 
-def _describe_changes(found: Found, cfg: Config) -> Optional[str]:
-    """Settings that differ from the checkpoint's run, other than the layout and the step count."""
-    try:
-        old = flat_config(config_of(found))
-    except CheckpointError as e:
-        return f"note: {e}"
-    new = flat_config(cfg)
-    ignored = ("parallel.", "train.steps", "train.stop_at", "train.device", "run.")  # layout, length, machine
-    changed = [f"{k} ({old[k]} -> {v})" for k, v in new.items()
-               if k in old and old[k] != v and not k.startswith(ignored)]
-    return "changed since the checkpoint: " + ", ".join(changed) if changed else None
-
-
-def _resume(tr: Trainer, found: Optional[Found], corpus: Corpus) -> TrainState:
-    """Load `found` (if any) into the trainer and say where the run continues from."""
-    cfg, layout = tr.cfg, tr.layout
-    if found is None:
-        if cfg.init.from_hf is not None:  # a fresh run starts from a Hugging Face Mixtral checkpoint
-            from .hf_mixtral import init_from_hf
-            print0(layout.is_main, init_from_hf(tr.model, cfg.init.from_hf, cfg))
-            tr.engine.loaded(tr.engine.optimizer_state(for_loading=True))  # the engine's copies (ZeRO) follow
-        return TrainState()
-    if cfg.init.from_hf is not None:
-        print0(layout.is_main, f"init.from_hf={cfg.init.from_hf} is ignored: run.dir holds a checkpoint, resume wins")
-    started = time.perf_counter()
-    optimizer_state = tr.engine.optimizer_state(for_loading=True)
-    state = load_checkpoint(found, tr.model, optimizer_state, layout)
-    tr.engine.loaded(optimizer_state)
-    print0(layout.is_main, f"resuming from {found.path} (step {state.step}), saved with {found.layout}; "
-                           f"now world {layout.world_size}, ep {layout.ep} (loaded in {time.perf_counter() - started:.1f}s)")
-    changes = _describe_changes(found, cfg)
-    if changes:
-        print0(layout.is_main, changes)
-    if found.data_fingerprint not in (None, corpus.fingerprint):
-        print0(layout.is_main, f"data differs from the checkpoint's (fingerprint {found.data_fingerprint} -> "
-                               f"{corpus.fingerprint}): training continues on the new corpus")
-    return state
-
 
 def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Optional[Found]) -> dict:
     t, S = cfg.train, cfg.model.seq_len
     tr = build_trainer(cfg, layout)
-    state = _resume(tr, found, corpus)
+    state = resume(tr, found, corpus)
     if layout.is_main:
         save_config(cfg, run_dir / "config.yaml")
         save_tokenizer(corpus.tokenizer, run_dir)  # bpe, pretrained: run.dir/tokenizer.json, which a resume reads

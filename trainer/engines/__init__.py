@@ -9,6 +9,10 @@ Both present the same small interface to `train.train_step` and to the checkpoin
     engine.optimizer_state() / engine.loaded(state)    # per-parameter AdamW state for checkpoints
 
 so checkpoints hold the same entries whichever engine wrote them, and either engine resumes the other.
+The optimizer and the names of its state (`ADAM_MOMENTS`) live here; a checkpoint stores whatever
+per-parameter tensors `optimizer_state()` holds, and loads into the zeroed ones it gives for loading.
+
+Imports: `run`, `parallel` and the layers below; never the builder, the loop or a tool.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..dist import Layout
-from ..grad_sync import GradSync
 from ..moe.experts import expert_parameters
+from ..parallel.dist import Layout
+from ..parallel.grad_sync import GradSync
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state besides its step count
 
 
 class NonFiniteError(RuntimeError):
@@ -41,9 +47,12 @@ class Engine(Protocol):
 
     def step(self, lr: float, norm: Optional[float], loss_is_finite: bool) -> float: ...
 
-    def optimizer_state(self, for_loading: bool = False): ...
+    def optimizer_state(self, for_loading: bool = False):
+        """An object whose `.state[param]` holds each parameter's AdamW state; `for_loading`: zeroed
+        state for every parameter, for a checkpoint to be loaded into."""
 
-    def loaded(self, state) -> None: ...
+    def loaded(self, state) -> None:
+        """After new weights (and `state`, or None: weights only) were loaded: refresh the engine's copies."""
 
 
 def adamw(param_groups: list[dict], cfg: Config) -> torch.optim.AdamW:
@@ -64,6 +73,14 @@ def adamw_param_groups(model: nn.Module, cfg: Config) -> list[dict]:
         groups.append({"params": expert_matrices, "weight_decay": cfg.train.weight_decay,
                        "lr_scale": cfg.train.expert_lr_scale, "name": "experts"})
     return groups
+
+
+def zeroed_adamw_state(state: dict, params) -> None:
+    """Give each of `params` without AdamW state a zeroed one (what AdamW itself starts from), for a
+    checkpoint to load into."""
+    for p in params:
+        if not state.get(p):
+            state[p] = {"step": torch.zeros((), dtype=torch.float32), **{m: torch.zeros_like(p) for m in ADAM_MOMENTS}}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -19,8 +19,6 @@ and scattered back into ZeRO's partitions, so either engine resumes the other at
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import json
 import logging
 import math
 import os
@@ -33,81 +31,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import ADAM_MOMENTS
-from ..config import Config, ConfigError
-from ..dist import Layout, ep_group_ranks, new_groups, replica_group_ranks
-from ..grad_sync import GradSync
+from ..config import Config
 from ..moe.collectives import named_collective
-from . import NonFiniteError, adamw, adamw_param_groups, set_lr
-
-# DeepSpeed keys the trainer sets itself, and the config keys that own them
-OWNED_KEYS = {
-    "train_batch_size": "train.batch_size",
-    "train_micro_batch_size_per_gpu": "train.batch_size and train.grad_accum",
-    "gradient_accumulation_steps": "train.grad_accum",
-    "gradient_clipping": "train.grad_clip",
-    "optimizer": "train.lr, train.beta1, train.beta2 and train.weight_decay (the trainer's AdamW)",
-    "scheduler": "train.lr, train.warmup_steps and train.min_lr_ratio",
-    "fp16": "train.dtype (autocast; weights stay fp32)",
-    "bf16": "train.dtype (autocast; weights stay fp32)",
-    "amp": "train.dtype (autocast; weights stay fp32)",
-    "zero_optimization.stage": "train.zero_stage",
-}
-ZERO3_REASON = ("ZeRO-3 partitions every parameter over all ranks, while expert parallelism already shards the "
-                "experts over parallel.ep, and DeepSpeed runs MoE models only with ZeRO stages 0-2")
-
-
-def _user_config(path: Optional[str]) -> dict:
-    if path is None:
-        return {}
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"train.deepspeed_config: {file} is not a file")
-    try:
-        values = json.loads(file.read_text())
-    except ValueError as e:
-        raise ConfigError(f"train.deepspeed_config: {file} is not valid JSON ({e})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"train.deepspeed_config: {file} must hold a JSON object")
-    for key, owner in OWNED_KEYS.items():
-        section, _, name = key.rpartition(".")
-        holder = values.get(section, {}) if section else values
-        if isinstance(holder, dict) and name in holder:
-            raise ConfigError(f"train.deepspeed_config: {file} sets {key}, which the trainer sets from {owner}; "
-                              "remove it from the JSON")
-    zero = values.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ConfigError(f"train.deepspeed_config: {file}: zero_optimization must be a JSON object")
-    for key in ("contiguous_gradients", "reduce_scatter"):
-        if zero.get(key) is False:
-            raise ConfigError(f"train.deepspeed_config: {file} sets zero_optimization.{key}=false; DeepSpeed "
-                              "needs it for MoE parameter groups")
-    offload = next((key for key in zero if key.startswith("offload_")), None)
-    if offload is not None:
-        raise ConfigError(f"train.deepspeed_config: {file} sets zero_optimization.{offload}, which needs "
-                          "DeepSpeed's compiled optimizer ops instead of the trainer's AdamW; remove it")
-    return values
-
-
-def check_deepspeed_settings(cfg: Config) -> None:
-    """One ConfigError naming the key, before any process group exists."""
-    t = cfg.train
-    if t.zero_stage == 3:
-        raise ConfigError(f"train.zero_stage: 3 is refused: {ZERO3_REASON}")
-    if t.zero_stage not in (0, 1, 2):
-        raise ConfigError(f"train.zero_stage: must be 0, 1 or 2, got {t.zero_stage}")
-    if t.skip_nonfinite:
-        raise ConfigError("train.skip_nonfinite: must be 0 with train.engine=deepspeed (a non-finite loss or "
-                          "gradient norm stops the run)")
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("train.engine: deepspeed is not installed; run `bash launch/setup.sh --deepspeed`")
-    _user_config(t.deepspeed_config)
+from ..parallel.dist import Layout, ep_group_ranks, new_groups, replica_group_ranks
+from ..parallel.grad_sync import GradSync
+from ..run.preflight import deepspeed_user_config
+from . import ADAM_MOMENTS, NonFiniteError, adamw, adamw_param_groups, set_lr, zeroed_adamw_state
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """The JSON config handed to `deepspeed.initialize`: the user's file plus the keys the trainer owns."""
     t = cfg.train
-    values = _user_config(t.deepspeed_config)
+    values = deepspeed_user_config(t.deepspeed_config)
     values.update({
         "train_batch_size": t.batch_size,
         "train_micro_batch_size_per_gpu": t.batch_size // world_size // t.grad_accum,
@@ -170,7 +105,7 @@ def _moe_aware_initialize(deepspeed, has_experts: bool):
 
 
 class _FullState:
-    """Per-parameter AdamW state (what `checkpoint.optimizer_entries` reads and fills)."""
+    """Per-parameter AdamW state gathered from ZeRO's partitions (what `checkpoint.optimizer_entries` reads and fills)."""
 
     def __init__(self):
         self.state: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
@@ -248,14 +183,19 @@ class DeepSpeedZero:
         self.zero._lazy_init_hp_params_optimizer_state()
 
     def optimizer_state(self, for_loading: bool = False):
-        if self.stage == 0:
-            return self.adamw  # per-parameter state already
+        if self.stage == 0:  # per-parameter state already
+            if for_loading:
+                zeroed_adamw_state(self.adamw.state, self.model.parameters())
+            return self.adamw
         from deepspeed.utils import safe_get_full_optimizer_state
 
         view = _FullState()
+        if for_loading:
+            zeroed_adamw_state(view.state, self.model.parameters())  # a checkpoint loads into it; `loaded` hands it on
+            return view
         step = self._adam_step()
-        if for_loading or step is None:
-            return view  # checkpoint.optimizer_entries(create=True) fills it
+        if step is None:
+            return view  # no step yet: no state to save
         self._link_optimizer_state()
         for p in self.model.parameters():  # collective over each parameter's ZeRO partition group
             view.state[p] = {"step": step.detach().clone(),
@@ -266,13 +206,13 @@ class DeepSpeedZero:
         return view
 
     def loaded(self, state) -> None:
-        """After a checkpoint was loaded into the model (and `state`): refresh ZeRO's copies."""
+        """After a checkpoint was loaded into the model (and `state`, or None: weights only): refresh ZeRO's copies."""
         if self.stage == 0:
             return
         from deepspeed.utils import safe_set_full_optimizer_state
 
         self.zero.refresh_fp32_params()  # its fp32 partitions follow the weights just loaded
-        if not state.state:
+        if state is None or not state.state:
             return
         step = next(iter(state.state.values()))["step"]
         for flat in self.zero.single_partition_of_fp32_groups:  # AdamW state exists only after a first step

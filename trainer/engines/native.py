@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..dist import Layout
-from ..grad_sync import GradSync
-from . import adamw, adamw_param_groups, set_lr
+from ..parallel.dist import Layout
+from ..parallel.grad_sync import GradSync
+from . import adamw, adamw_param_groups, set_lr, zeroed_adamw_state
 
 
 class NativeEngine:
@@ -42,6 +42,8 @@ class NativeEngine:
         return norm
 
     def optimizer_state(self, for_loading: bool = False) -> torch.optim.Optimizer:
+        if for_loading:
+            zeroed_adamw_state(self.optimizer.state, self.model.parameters())
         return self.optimizer  # `.state[param]` is what checkpoint.optimizer_entries reads and fills
 
     def loaded(self, state) -> None:

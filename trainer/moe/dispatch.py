@@ -8,7 +8,7 @@ dispatch = plan (sort routes by expert, exchange counts, one device-to-host copy
            -> permute (gather the rows of kept routes) -> exchange (uneven all_to_all)
            -> regroup (rank-major to local-expert-major)
 combine  = unregroup -> exchange_back -> unpermute (weighted scatter-add into [T, D]).
-Each stage is a public method, so a benchmark can time them one by one (`trainer.bench`).
+Each stage is a public method, so a benchmark can time them one by one (`trainer.tools.bench`).
 
 Receive splits always come from the all_to_all of counts, never from a guess. With
 `debug_splits`, every rank also all-gathers the whole split matrix and checks it, because

@@ -5,7 +5,7 @@ X rows for this rank's local experts.
 
 Built without process groups, the layer holds every expert. `apply_expert_parallel` then
 keeps this rank's share of the experts and hands the layer its groups: the trainer does
-this from `trainer.parallelize`, after building the model on the meta device. The layer
+this from `trainer.parallel.parallelize`, after building the model on the meta device. The layer
 performs the one reduction of routing statistics over its stats group.
 """
 
@@ -180,7 +180,7 @@ class MoE(nn.Module):
     def route(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None, seq_len: Optional[int] = None,
               token_offset: Optional[int] = None) -> tuple[Routing, RoutingCounts, torch.Tensor, torch.Tensor]:
         """The first stage of `forward`: routing, the layer's one reduction of routing statistics,
-        and the balance losses (aux, z). Also used by `trainer.stage_timing`."""
+        and the balance losses (aux, z). Also used by `trainer.tools.stage_timing`."""
         offset = token_offset or 0
         if self.router.noisy and self.training:
             if token_offset is None:

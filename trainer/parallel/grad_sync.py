@@ -28,9 +28,9 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed import ProcessGroup
 
+from ..moe.collectives import all_reduce_sum_, named_collective
+from ..moe.experts import expert_parameters
 from .dist import Layout
-from .moe.collectives import all_reduce_sum_, named_collective
-from .moe.experts import expert_parameters
 
 
 def split_dense_expert(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .moe.layer import MoE
+from ..moe.layer import MoE
 
 STAGES = ("router", "permute", "all_to_all", "experts", "combine")
 

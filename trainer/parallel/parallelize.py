@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..moe import MoE
 from .dist import Layout
-from .moe import MoE
 
 
 def parallelize(model: nn.Module, layout: Layout, seed: int, debug_splits: bool = False) -> nn.Module:

@@ -1,6 +1,6 @@
 """`run.dir`: one live run per directory, and one clear line when it cannot be used.
 
-A run.dir that holds a run resumes from its latest complete checkpoint (`trainer.checkpoint`);
+A run.dir that holds a run resumes from its latest complete checkpoint (`trainer.run.checkpoint`);
 one with metrics but no checkpoint is refused, so nothing trained is overwritten.
 
 The run holds an exclusive `flock` on `run.dir/.lock` for its whole life; the kernel drops

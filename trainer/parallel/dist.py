@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from .config import ParallelConfig
-from .moe.collectives import named_collective
+from ..config import ParallelConfig
+from ..moe.collectives import named_collective
 
 
 @dataclass
@@ -60,7 +60,7 @@ def env_rank() -> int:
 
 
 def pick_device(preference: str) -> torch.device:
-    """The device of this rank; `trainer.preflight` has already refused cuda without CUDA."""
+    """The device of this rank; `trainer.run.preflight` has already refused cuda without CUDA."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
@@ -76,7 +76,7 @@ def init_world(cfg: ParallelConfig, device: torch.device) -> Optional[ProcessGro
     """Join the default (world) group when launched with WORLD_SIZE > 1; None for one process.
 
     Only the world group exists afterwards: ranks compare their configs over it
-    (`trainer.agreement`) before `make_layout` creates groups whose shape depends on the config.
+    (`trainer.run.agreement`) before `make_layout` creates groups whose shape depends on the config.
     """
     if env_world_size() == 1:
         return None

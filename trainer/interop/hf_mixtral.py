@@ -42,9 +42,9 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
-from .checkpoint import CheckpointError, Found
-from .config import Config
-from .model import Transformer
+from ..config import Config
+from ..model import Transformer
+from ..run.checkpoint_files import CheckpointError, Found
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -199,8 +199,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, warn=lambda line: None) 
     config.json and model.safetensors. Refused, before anything is written, unless it is one."""
     from safetensors.torch import save_file
 
-    from .checkpoint import config_of
-    from .data import save_tokenizer, saved_tokenizer
+    from ..data import save_tokenizer, saved_tokenizer
+    from ..run.checkpoint_files import config_of
     from .export import _for_one_process, find_checkpoint, load_checkpoint_model
 
     found = find_checkpoint(Path(run_dir), warn)

@@ -4,7 +4,7 @@ measured in the same run, one JSON line per case on stdout.
 Layer cases (`--preset`): forward+backward of one MoE layer on T tokens per rank, and, in
 the same run, alternating with it, the dense SwiGLU FFN with the same active FLOPs
 (hidden size top_k * d_ff) on the same tokens: `ratio` = MoE tokens/s over dense tokens/s.
-Each case also reports the time split by stage (`trainer.stage_timing`), the expert
+Each case also reports the time split by stage (`trainer.tools.stage_timing`), the expert
 matmuls' FLOP rate against this machine's matmul peak (measured here, per dtype, with the
 same threads per rank), activation memory (bytes saved for backward) and peak device memory.
 
@@ -29,12 +29,12 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .config import ParallelConfig
-from .dist import init_world, pick_device, shutdown
-from .moe.collectives import group_rank
-from .moe.experts import SharedExperts, default_init_std, expert_impl_used
-from .moe.layer import MoE
-from .preflight import cpu_bf16_matrix_instructions
+from ..config import ParallelConfig
+from ..moe.collectives import group_rank
+from ..moe.experts import SharedExperts, default_init_std, expert_impl_used
+from ..moe.layer import MoE
+from ..parallel.dist import init_world, pick_device, shutdown
+from ..run.preflight import cpu_bf16_matrix_instructions
 from .stage_timing import STAGES, StageClock, staged_forward_backward, synchronize
 
 AUX_COEF, Z_COEF = 0.01, 0.001
@@ -229,11 +229,12 @@ def run_layer_case(case: LayerCase, device: torch.device, group, iters: int, rou
 
 def run_step_case(config: str, overrides: list[str], steps: int, warmup: int, device: torch.device, group) -> dict:
     """Whole training steps of a config (no run.dir is touched)."""
-    from .config import load_config, validate
-    from .data import TokenBatches, check_corpus, load_corpus
-    from .dist import make_layout
-    from .preflight import preflight
-    from .train import build_trainer, lr_at, spec_peak_bf16_flops, train_step
+    from ..build import build_trainer, lr_at, spec_peak_bf16_flops
+    from ..config import load_config, validate
+    from ..data import TokenBatches, check_corpus, load_corpus
+    from ..parallel.dist import make_layout
+    from ..run.preflight import preflight
+    from ..train import train_step
 
     world = 1 if group is None else dist.get_world_size(group)
     cfg = load_config(config, [*overrides, f"train.device={device.type}",

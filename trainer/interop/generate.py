@@ -8,8 +8,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .data import BYTES, Tokenizer
-from .model import Transformer
+from ..data import BYTES, Tokenizer
+from ..model import Transformer
 
 
 @torch.no_grad()

@@ -18,12 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import (META_FILE, CheckpointError, Found, check_model_shapes, config_of, expected_model_shapes,
-                         latest_checkpoint, load_checkpoint, verify)
-from .config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict
-from .dist import Layout
-from .model import Transformer
-from .train import build_model, eval_batch_count, evaluate, full_model_on_meta
+from ..build import build_model, eval_batch_count, evaluate, full_model_on_meta
+from ..config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict
+from ..model import Transformer
+from ..parallel.dist import Layout
+from ..run.checkpoint import expected_model_shapes, load_checkpoint
+from ..run.checkpoint_files import (META_FILE, CheckpointError, Found, check_model_shapes, config_of, latest_checkpoint,
+                                    verify)
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
@@ -126,7 +127,7 @@ def export(run_dir: str | Path, out_dir: str | Path, warn=lambda line: None) -> 
     info = {"step": found.step, "checkpoint": str(found.path.resolve()), "saved_with": found.layout,
             "parameters": sum(t.numel() for t in weights.values())}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
-    from .data import save_tokenizer, saved_tokenizer
+    from ..data import save_tokenizer, saved_tokenizer
 
     # a bpe or pretrained run's tokenizer.json travels with its weights (eval and sample read it there)
     save_tokenizer(saved_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_name, Path(run_dir)), out, replace=True)
@@ -137,9 +138,9 @@ def eval_checkpoint(path: str | Path, overrides: list[str], warn=lambda line: No
     """Validation loss of a run's newest checkpoint (or an export) in one process, on the
     configured corpus or the one the overrides name (`data.path=...`, `train.eval_batches=...`).
     The device is `auto` (CUDA if present) unless `train.device=` says otherwise."""
-    from .config import validate
-    from .data import TokenBatches, check_corpus, load_corpus, saved_tokenizer
-    from .dist import pick_device
+    from ..config import validate
+    from ..data import TokenBatches, check_corpus, load_corpus, saved_tokenizer
+    from ..parallel.dist import pick_device
 
     fixed = next((o for o in overrides if o.startswith(("model.", "moe."))), None)
     if fixed is not None:

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from .config import Config, to_dict
-from .moe.collectives import all_gather_tensor, named_collective
+from ..config import Config, to_dict
+from ..moe.collectives import all_gather_tensor, named_collective
 
 RANK_LOCAL_KEYS = frozenset({"run.progress"})  # may differ between ranks without changing the model
 

@@ -2,23 +2,26 @@
 
 `config.validate` checks values against each other; this module checks them against the
 machine: the device and backend exist, optional packages are installed, dataset scripts are
-refused, grouped GEMM can run, and parameters plus activations fit in memory. Every problem
-is one `ConfigError` naming the key, raised identically on every rank.
+refused, grouped GEMM can run, DeepSpeed's JSON is one the trainer can use, and parameters
+plus activations fit in memory. Every problem is one `ConfigError` naming the key, raised
+identically on every rank.
 """
 
 from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from .config import Config, ConfigError
-from .data import dataset_script_problem
-from .moe.experts import grouped_mm_problem
+from ..config import Config, ConfigError
+from ..data import dataset_script_problem
+from ..moe.experts import grouped_mm_problem
 
 GiB = 1 << 30
 BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + two fp32 AdamW moments
@@ -61,6 +64,73 @@ def check_packages_and_data(cfg: Config) -> None:
                               "`bash launch/setup.sh --hf` (or pip install -e '.[hf]')")
     if d.dataset == "files" and not glob.has_magic(d.path) and not Path(d.path).expanduser().exists():
         raise ConfigError(f"data.path: {d.path} does not exist")
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+# DeepSpeed keys the trainer sets itself, and the config keys that own them
+OWNED_KEYS = {
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.batch_size and train.grad_accum",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.lr, train.beta1, train.beta2 and train.weight_decay (the trainer's AdamW)",
+    "scheduler": "train.lr, train.warmup_steps and train.min_lr_ratio",
+    "fp16": "train.dtype (autocast; weights stay fp32)",
+    "bf16": "train.dtype (autocast; weights stay fp32)",
+    "amp": "train.dtype (autocast; weights stay fp32)",
+    "zero_optimization.stage": "train.zero_stage",
+}
+ZERO3_REASON = ("ZeRO-3 partitions every parameter over all ranks, while expert parallelism already shards the "
+                "experts over parallel.ep, and DeepSpeed runs MoE models only with ZeRO stages 0-2")
+
+
+def deepspeed_user_config(path: Optional[str]) -> dict:
+    if path is None:
+        return {}
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"train.deepspeed_config: {file} is not a file")
+    try:
+        values = json.loads(file.read_text())
+    except ValueError as e:
+        raise ConfigError(f"train.deepspeed_config: {file} is not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"train.deepspeed_config: {file} must hold a JSON object")
+    for key, owner in OWNED_KEYS.items():
+        section, _, name = key.rpartition(".")
+        holder = values.get(section, {}) if section else values
+        if isinstance(holder, dict) and name in holder:
+            raise ConfigError(f"train.deepspeed_config: {file} sets {key}, which the trainer sets from {owner}; "
+                              "remove it from the JSON")
+    zero = values.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"train.deepspeed_config: {file}: zero_optimization must be a JSON object")
+    for key in ("contiguous_gradients", "reduce_scatter"):
+        if zero.get(key) is False:
+            raise ConfigError(f"train.deepspeed_config: {file} sets zero_optimization.{key}=false; DeepSpeed "
+                              "needs it for MoE parameter groups")
+    offload = next((key for key in zero if key.startswith("offload_")), None)
+    if offload is not None:
+        raise ConfigError(f"train.deepspeed_config: {file} sets zero_optimization.{offload}, which needs "
+                          "DeepSpeed's compiled optimizer ops instead of the trainer's AdamW; remove it")
+    return values
+
+
+def check_deepspeed_settings(cfg: Config) -> None:
+    """train.engine=deepspeed: the stage, the package and the JSON file; one ConfigError naming the key."""
+    t = cfg.train
+    if t.zero_stage == 3:
+        raise ConfigError(f"train.zero_stage: 3 is refused: {ZERO3_REASON}")
+    if t.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"train.zero_stage: must be 0, 1 or 2, got {t.zero_stage}")
+    if t.skip_nonfinite:
+        raise ConfigError("train.skip_nonfinite: must be 0 with train.engine=deepspeed (a non-finite loss or "
+                          "gradient norm stops the run)")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("train.engine: deepspeed is not installed; run `bash launch/setup.sh --deepspeed`")
+    deepspeed_user_config(t.deepspeed_config)
+
 
 
 # ----------------------------------------------------------------------------- memory
@@ -161,4 +231,6 @@ def preflight(cfg: Config, world_size: int) -> None:
     """Everything that can be known before joining a process group; raises ConfigError."""
     check_device(cfg)
     check_packages_and_data(cfg)
+    if cfg.train.engine == "deepspeed":
+        check_deepspeed_settings(cfg)  # reads train.deepspeed_config
     check_memory(cfg, world_size)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import Config, ConfigError, load_config, validate
+from ..config import Config, ConfigError, load_config, validate
 
 # what makes two runs comparable: a config may differ in anything else (its model, router, lr ...)
 MATCHED_KEYS = ("train.steps", "train.batch_size", "train.grad_accum", "train.seed", "train.eval_every",
@@ -130,7 +130,7 @@ def check_matched(entries: list[Entry]) -> None:
 
 def load_entries(items: list[str], world_size: int) -> list[Entry]:
     """Parse, load and validate every config before anything trains: a typo costs nothing."""
-    from .preflight import preflight
+    from ..run.preflight import preflight
 
     entries, common = parse_items(items)
     for entry in entries:
@@ -157,7 +157,7 @@ def check_run_dir_holds(directory: Path, cfg: Config) -> None:
     saved_path = directory / "config.yaml"
     if not saved_path.is_file():
         return
-    from .agreement import flat_config  # the dotted keys ranks compare at start-up
+    from ..run.agreement import flat_config  # the dotted keys ranks compare at start-up
 
     try:
         saved = flat_config(load_config(saved_path))
@@ -172,7 +172,7 @@ def check_run_dir_holds(directory: Path, cfg: Config) -> None:
 
 
 def finished(directory: Path, steps: int) -> bool:
-    from .tracking import METRICS_FILE, read_metrics
+    from ..run.tracking import METRICS_FILE, read_metrics
 
     if not (directory / METRICS_FILE).is_file():
         return False
@@ -182,8 +182,8 @@ def finished(directory: Path, steps: int) -> bool:
 def restart_without_checkpoint(directory: Path, say: Callable[[str], None]) -> None:
     """A run stopped before its first checkpoint cannot resume (train refuses such a run.dir): its
     few steps are thrown away and it starts again, said in one line."""
-    from .checkpoint import complete_checkpoints
-    from .tracking import METRICS_FILE
+    from ..run.checkpoint_files import complete_checkpoints
+    from ..run.tracking import METRICS_FILE
 
     if (directory / METRICS_FILE).is_file() and not complete_checkpoints(directory):
         say(f"note: {directory} stopped before its first checkpoint; training it again from step 0")
@@ -204,7 +204,7 @@ def train_one(entry: Entry, common: list[str], seed: int, directory: Path, nproc
     The child runs in a session of its own, so a Ctrl-C reaches compare only: compare then sends
     the child one SIGTERM, which makes it save a checkpoint after its current step and exit, and
     waits for that (a second Ctrl-C kills it instead)."""
-    from .checkpoint import complete_checkpoints
+    from ..run.checkpoint_files import complete_checkpoints
 
     directory.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -264,7 +264,7 @@ def final_eval(directory: Path, eval_batches: int) -> float:
 
 
 def seed_result(directory: Path, seed: int, steps: int, eval_batches: Optional[int] = None) -> SeedResult:
-    from .tracking import read_metrics
+    from ..run.tracking import read_metrics
 
     records = read_metrics(directory)
     curve = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
@@ -283,7 +283,7 @@ def _mean_std(values: list[float]) -> tuple[float, Optional[float]]:
 
 
 def summarise(entries: list[Entry], results: dict[str, list[SeedResult]]) -> list[dict]:
-    from .train import full_model_on_meta
+    from ..build import full_model_on_meta
 
     base = {r.seed: r.val_loss for r in results[entries[0].label]}
     rows = []

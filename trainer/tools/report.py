@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from .tracking import METRICS_FILE, read_metrics
+from ..run.tracking import METRICS_FILE, read_metrics
 
 
 class ReportError(ValueError):

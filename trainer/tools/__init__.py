@@ -1,0 +1,11 @@
+"""Tools layer: subcommands that study runs rather than make them.
+
+| module | job |
+| --- | --- |
+| `bench.py` | `python -m trainer bench`: MoE layer and training-step throughput against references run alongside |
+| `stage_timing.py` | per-stage timing of an MoE layer's forward and backward (router, dispatch, experts, combine) |
+| `compare.py` | `python -m trainer compare`: configs trained on the same data and seeds, tabulated |
+| `report.py` | `python -m trainer report`: PNG plots of runs' metrics |
+
+Imports: anything below the CLI (the loop, interop, build, engines, run, parallel and below).
+"""

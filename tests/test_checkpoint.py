@@ -73,7 +73,7 @@ def _load_and_check(rank, world_size, run_dir, ep):
     layout = make_layout(cfg.parallel, CPU)
     tr = build_trainer(cfg, layout)
     found = latest_checkpoint(run_dir, warn=pytest.fail)
-    state = load_checkpoint(found, tr.model, tr.engine.optimizer, layout)
+    state = load_checkpoint(found, tr.model, tr.engine.optimizer_state(for_loading=True), layout)
     assert state == TrainState(step=7, data_position=56, skipped_steps=1)
     for layer, experts in expert_modules(tr.model):
         assert len(experts.global_expert_ids) == cfg.moe.num_experts // ep

@@ -7,6 +7,7 @@ rank must find exactly its global experts' values. Losses alone could hide a per
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -150,6 +151,21 @@ def test_latest_checkpoint_skips_a_damaged_one_and_says_which(tmp_path):
     found = latest_checkpoint(tmp_path, warnings.append)
     assert found.step == 3
     assert len(warnings) == 1 and "step_0000006" in warnings[0] and ".metadata" in warnings[0]
+
+
+def test_a_damaged_index_that_matches_its_manifest_is_skipped_for_an_earlier_checkpoint(tmp_path):
+    cfg = small_config(1)
+    _save_one_process(tmp_path, cfg, step=3)
+    newest = _save_one_process(tmp_path, cfg, step=6)
+    index = newest / ".metadata"
+    index.write_bytes(b"not a pickle" * 10)  # damaged, and the manifest says so is what it should be
+    meta = json.loads((newest / "meta.json").read_text())
+    meta["files"][".metadata"] = {"bytes": index.stat().st_size, "sha256": hashlib.sha256(index.read_bytes()).hexdigest()}
+    (newest / "meta.json").write_text(json.dumps(meta))
+    warnings = []
+    found = latest_checkpoint(tmp_path, warnings.append)
+    assert found.step == 3
+    assert len(warnings) == 1 and "step_0000006" in warnings[0] and "DCP's .metadata cannot be read" in warnings[0]
 
 
 def test_keep_prunes_old_checkpoints_and_leftovers_of_dead_saves(tmp_path):

@@ -37,6 +37,8 @@ BAD = [
 @pytest.mark.parametrize("overrides, world_size, key", BAD, ids=[b[2] + ":" + " ".join(b[0]) for b in BAD])
 def test_bad_config_exits_with_one_line_naming_the_key(overrides, world_size, key, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # rank 0 of a launch: the launcher sets both
+    monkeypatch.setenv("MASTER_PORT", "29500")
     code = main(["train", TINY, *overrides, f"run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2

@@ -5,8 +5,10 @@ in one process;
 `compare CONFIG [CONFIG ...] --seeds N [key=value ...]` in one process (it launches each run).
 
 Errors are one line on stderr. An error that is the same on every rank (a bad config, an
-unusable run.dir, ranks that disagree, a non-finite loss) is printed by rank 0 only; a failed
-collective is printed by each rank that saw it, prefixed with the rank.
+unusable run.dir, ranks that disagree, a non-finite loss) is printed once per machine, by
+whichever rank gets there first (`run/error_once.py`); a failed collective is printed by each
+rank that saw it, prefixed with the rank. Ctrl-C outside the training steps is one line and
+exit 130, like a signal during training.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 
 from .config import ConfigError, load_config, validate
 from .config_keys import format_config_keys
-from .parallel.dist import env_rank, env_world_size
+from .launch_env import LaunchError, check_launch_env, env_rank, env_world_size
+from .run.error_once import write_error_once, write_line
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -25,10 +28,7 @@ EXIT_INTERRUPTED = 130  # what a shell reports for SIGINT
 
 
 def _fail(message: str, code: int, every_rank: bool = False) -> int:
-    if every_rank or env_rank() == 0:
-        # one write call: lines from several ranks sharing a pipe stay whole
-        sys.stderr.write(f"error: {message}\n")
-        sys.stderr.flush()
+    (write_line if every_rank else write_error_once)(f"error: {message}\n")
     return code
 
 
@@ -148,6 +148,7 @@ def _run_offline(args) -> int:
 
     from .data import DataError
     from .run.checkpoint_files import CheckpointError
+    from .run.output_dir import OutputDirError
 
     def warn(line: str) -> None:
         print(line, file=sys.stderr)
@@ -167,11 +168,13 @@ def _run_offline(args) -> int:
             from .interop.export import load_model
             from .interop.generate import decode, encode, generate
 
-            if args.tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
-                return _fail("sample: --tokens and --temperature must be >= 0 and --top-k >= 1", EXIT_BAD_INPUT)
-            if not args.prompt:
-                return _fail("sample: --prompt must not be empty (the default is a newline)", EXIT_BAD_INPUT)
+            problem = _sample_problem(args)
+            if problem:
+                return _fail(f"sample: {problem}", EXIT_BAD_INPUT)
             model, cfg = load_model(args.path, "cpu", warn)
+            if args.top_k is not None and args.top_k > cfg.model.vocab_size:
+                return _fail(f"sample: --top-k must be at most the model's vocabulary ({cfg.model.vocab_size} ids), got "
+                             f"{args.top_k}", EXIT_BAD_INPUT)
             tokenizer = saved_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_name, Path(args.path))  # the run's
             generator = torch.Generator().manual_seed(args.seed)
             new = generate(model, encode(args.prompt, tokenizer), args.tokens, args.temperature, args.top_k, generator)
@@ -182,12 +185,37 @@ def _run_offline(args) -> int:
             print(json.dumps(eval_checkpoint(args.run_dir, args.overrides, warn)))
     except ConfigError as e:
         return _fail(f"config: {e}", EXIT_BAD_INPUT)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, OutputDirError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     return 0
 
 
+MAX_SAMPLE_TOKENS = 100_000  # each token is a forward pass over the whole context (no KV cache)
+
+
+def _sample_problem(args) -> str | None:
+    import math
+
+    if not 0 <= args.tokens <= MAX_SAMPLE_TOKENS:
+        return f"--tokens must be between 0 and {MAX_SAMPLE_TOKENS:,}, got {args.tokens}"
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        return f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}"
+    if args.top_k is not None and args.top_k < 1:
+        return f"--top-k must be >= 1, got {args.top_k}"
+    if not args.prompt:
+        return "--prompt must not be empty (the default is a newline)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # during training a signal stops after the step instead (run/preemption.py)
+        return _fail("interrupted (Ctrl-C); nothing already saved was changed (a run resumes from its latest "
+                     "checkpoint)", EXIT_INTERRUPTED)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     # overrides may also follow an option (`check CONFIG --nproc 2 key=value`): argparse leaves
     # those over, and parse_intermixed_args does not support subcommands
@@ -200,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*getattr(args, "overrides", []), *rest]
     if args.command in ("export", "sample", "eval"):
         return _run_offline(args)
+    if args.command in ("train", "check", "bench"):
+        try:
+            check_launch_env()
+        except LaunchError as e:
+            return _fail(f"launch: {e}", EXIT_BAD_INPUT, every_rank=True)  # which rank this is may be unknown
     if args.command == "bench":
         return _run_bench(args)
     if args.command == "report":
@@ -263,13 +296,14 @@ def _run_training(cfg) -> int:
     from .moe.collectives import CollectiveError
     from .run.agreement import AgreementError, ReplicaMismatchError
     from .run.checkpoint_files import CheckpointError
+    from .run.rundir import RunDirError
     from .train import train
 
     try:
         train(cfg)
     except (AgreementError, DataError) as e:  # DataError: the corpus is read once more per rank after start-up
         return _fail(str(e), EXIT_BAD_INPUT)
-    except (NonFiniteError, ReplicaMismatchError, CheckpointError, LoadError) as e:
+    except (NonFiniteError, ReplicaMismatchError, CheckpointError, LoadError, RunDirError) as e:  # RunDirError: lost
         return _fail(str(e), EXIT_FAILED)
     except CollectiveError as e:
         return _fail(f"rank {env_rank()}: {e}", EXIT_FAILED, every_rank=True)

@@ -18,6 +18,7 @@ import yaml
 
 
 BYTE_VOCAB = 256  # ids of data.tokenizer=bytes
+MAX_TIMEOUT_S = 365 * 24 * 3600  # parallel.timeout_s: a year is past any real wait; 1e30 overflows the timedelta groups take
 
 
 class ConfigError(ValueError):
@@ -230,9 +231,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); a config is a YAML text file") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read: {e.strerror or e}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return config_from_dict(values, overrides)
@@ -343,7 +348,8 @@ def validate(cfg: Config, world_size: int) -> None:
     _require(world_size % p.ep == 0, "parallel.ep",
              f"world size {world_size} is not divisible by parallel.ep={p.ep}")
     _choice(p.backend, "parallel.backend", ("auto", "gloo", "nccl"))
-    _require(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0, got {p.timeout_s}")
+    _require(0 < p.timeout_s <= MAX_TIMEOUT_S, "parallel.timeout_s",
+             f"must be > 0 and at most {MAX_TIMEOUT_S:,} (a year), got {p.timeout_s}")
 
     per_rank, rest = divmod(t.batch_size, world_size)
     _require(rest == 0, "train.batch_size",

@@ -17,13 +17,14 @@ from typing import Optional
 from .build import Trainer, full_model_on_meta
 from .config import Config
 from .data import Corpus, DataError, check_corpus, load_corpus
-from .parallel.dist import Layout, env_rank, init_world, make_layout, pick_device, shutdown
+from .launch_env import env_rank
+from .parallel.dist import Layout, init_world, make_layout, pick_device, shutdown
 from .run.agreement import StartReport, flat_config, require_agreement
 from .run.checkpoint import TrainState, broadcast_found, expected_model_shapes, load_checkpoint
 from .run.checkpoint_files import (CheckpointError, Found, check_model_shapes, config_of, latest_checkpoint,
                                    remove_dead_saves)
 from .run.rundir import RunDirError, RunDirLock, holds_a_run_without_checkpoint
-from .run.tracking import METRICS_FILE, print0, truncate_metrics
+from .run.tracking import METRICS_FILE, MetricsError, print0, truncate_metrics
 
 
 def checkpoint_to_resume(cfg: Config, run_dir: Path, warn=lambda line: print0(True, line)) -> Optional[Found]:
@@ -47,6 +48,8 @@ def prepare_resume(run_dir: Path, found: Found) -> None:
         truncate_metrics(run_dir, found.step)
     except OSError as e:
         raise RunDirError(f"run.dir: {run_dir} cannot be prepared for resuming: {e.strerror or e}") from None
+    except MetricsError as e:
+        raise RunDirError(f"run.dir: {e}") from None
 
 
 def start(cfg: Config) -> tuple[Layout, Corpus, Optional[RunDirLock], Optional[Found]]:

@@ -27,6 +27,7 @@ from .parallel.dist import Layout, shutdown
 from .run.checkpoint import TrainState, save_checkpoint
 from .run.checkpoint_files import Found
 from .run.preemption import StopRequest
+from .run.rundir import RunDirLock, run_dir_lost
 from .run.tracking import (RoutingWindow, StepStats, Tracker, console_log, eval_record, git_commit, print0,
                            progress_bar, train_record)
 from .startup import resume, start
@@ -103,7 +104,7 @@ def train(cfg: Config) -> dict:
     ended_normally = False
     try:
         with console_log(run_dir / "train.log" if layout.is_main else None):  # rank 0 holds the run.dir lock
-            last = _train(cfg, layout, corpus, run_dir, found)
+            last = _train(cfg, layout, corpus, run_dir, found, lock)
         ended_normally = True
         return last
     finally:
@@ -113,7 +114,8 @@ def train(cfg: Config) -> dict:
 
 
 
-def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Optional[Found]) -> dict:
+def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Optional[Found],
+           lock: Optional[RunDirLock]) -> dict:
     t, S = cfg.train, cfg.model.seq_len
     tr = build_trainer(cfg, layout)
     state = resume(tr, found, corpus)
@@ -148,12 +150,24 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
                            f"({micro} per micro-batch x {t.grad_accum} per rank), engine {tr.engine.name}"
                            + (f" ZeRO-{t.zero_stage}" if t.engine == "deepspeed" else ""))
 
+    newest_checkpoint = found.step if found else None
+
+    def require_run_dir(step: int) -> None:
+        """Collective: every rank stops if rank 0 (which holds the lock) finds run.dir deleted or replaced."""
+        change = torch.tensor([float(lock.change()) if lock is not None else 0.0])
+        if layout.world_group is not None:
+            all_reduce_sum_(change, layout.world_group, "train step", "all_reduce of whether run.dir is still there")
+        if change.item() > 0:
+            raise run_dir_lost(run_dir, int(change.item()), step, newest_checkpoint)
+
     def checkpoint(step: int) -> Path:
+        nonlocal newest_checkpoint
         done = TrainState(step, train_batches.position_of(step), state.skipped_steps)
         meta = {"config": to_dict(cfg), "data_fingerprint": corpus.fingerprint}
         started = time.perf_counter()
         path = save_checkpoint(run_dir, done, tr.model, tr.engine.optimizer_state(), layout, meta, cfg.ckpt.keep)
         print0(layout.is_main, f"step {step}: checkpoint {path} ({time.perf_counter() - started:.1f}s)")
+        newest_checkpoint = step
         return path
 
     run_info = {"git_commit": commit, "data_fingerprint": corpus.fingerprint, "world_size": layout.world_size,
@@ -202,12 +216,15 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
                     evaluated = eval_record(step, evaluate(tr.model, cfg, layout, val_batches))
                     record = {**record, **evaluated} if record else evaluated
                     print0(layout.is_main, f"step {step}: val_loss {evaluated['val_loss']:.4f}")
+                stop_here = step == t.stop_at
+                saving = result.stop or stop_here or step == t.steps or (cfg.ckpt.every > 0 and step % cfg.ckpt.every == 0)
+                if record is not None or saving:  # before writing: a save would quietly make run.dir anew
+                    require_run_dir(step)
                 if record is not None:
                     tracker.log(record)
                     last = {**last, **record}
                 bar.update(1)
-                stop_here = step == t.stop_at
-                if result.stop or stop_here or step == t.steps or (cfg.ckpt.every > 0 and step % cfg.ckpt.every == 0):
+                if saving:
                     path = checkpoint(step)
                 if stop_here:
                     print0(layout.is_main, f"stopped at step {step} (train.stop_at); checkpoint {path}; run again "

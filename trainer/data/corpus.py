@@ -58,12 +58,27 @@ def split_documents(docs: list[tuple[str, bytes]], val_fraction: float) -> tuple
     return DOC_SEPARATOR.join(train), DOC_SEPARATOR.join(val)
 
 
-def file_digest(path: Path) -> bytes:
+def unreadable(path: Path, key: str, error: OSError) -> DataError:
+    return DataError(f"{key}: {path} cannot be read: {error.strerror or error}")
+
+
+def file_digest(path: Path, key: str = "data.path") -> bytes:
+    """sha256 of the file's bytes; a DataError naming `key` and the file if it cannot be read."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise unreadable(path, key, e) from None
     return h.digest()
+
+
+def read_document(path: Path, key: str = "data.path") -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise unreadable(path, key, e) from None
 
 
 def fingerprint_of(named_digests: Iterator[tuple[str, bytes]], *settings: str) -> str:
@@ -100,5 +115,6 @@ def stdlib_source(max_documents: int) -> Source:
     if max_documents > 0:
         files = files[:max_documents]
     names = [str(p.relative_to(root)) for p in files]
-    fingerprint = fingerprint_of(((n, file_digest(p)) for n, p in zip(names, files)))
-    return Source(f"stdlib {root}", fingerprint, lambda: ((n, p.read_bytes()) for n, p in zip(names, files)))
+    key = "data.dataset=stdlib"
+    fingerprint = fingerprint_of(((n, file_digest(p, key)) for n, p in zip(names, files)))
+    return Source(f"stdlib {root}", fingerprint, lambda: ((n, read_document(p, key)) for n, p in zip(names, files)))

@@ -9,7 +9,7 @@ import itertools
 from pathlib import Path
 from typing import Iterator
 
-from .corpus import DataError, Document, Source, file_digest, fingerprint_of, limited
+from .corpus import DataError, Document, Source, file_digest, fingerprint_of, limited, read_document
 from .hf import table_texts
 
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # read by `datasets`, a row per document
@@ -54,6 +54,6 @@ def files_source(path: str, pattern: str, text_field: str, max_documents: int) -
                 for row, text in table_texts(file, TABLE_BUILDERS[file.suffix], text_field):
                     yield f"{name}#{row}", text
             else:
-                yield name, file.read_bytes()
+                yield name, read_document(file)
 
     return Source(description, fingerprint, limited(documents, max_documents))

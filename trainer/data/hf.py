@@ -153,7 +153,7 @@ def _local_digests(hf_name: str, data_files: Optional[str]) -> list[tuple[str, b
     if data_files:
         files += sorted(Path(p) for p in globlib.glob(os.path.expanduser(data_files), recursive=True)
                         if Path(p).is_file())
-    return [(str(p), file_digest(p)) for p in files]
+    return [(str(p), file_digest(p, "data.hf_data_files")) for p in files]
 
 
 def hub_source(name: str, config: Optional[str], data_files: Optional[str], split: str, field: str,

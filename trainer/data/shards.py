@@ -146,7 +146,8 @@ def open_shards(source: Source, tokenizer: Tokenizer, val_fraction: float, root:
     final = make_dir(root / "tokens") / shard_key(source, tokenizer, val_fraction)
     if final.is_dir():
         train, val, meta = _map(final)
-        return Shards(train, val, meta, final, f"reused from the cache (built in {meta['build_seconds']:.1f}s)")
+        return Shards(train, val, meta, final,
+                      f"reused from the cache (the build that made them took {meta['build_seconds']:.1f}s)")
     with exclusive(final.with_name(final.name + ".lock"), wait_s, "token shards") as waited:
         if not final.is_dir():
             remove_partials(final)

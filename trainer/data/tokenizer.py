@@ -102,6 +102,8 @@ def from_file(path: Path, kind: str, key: str = "data.tokenizer_name") -> HFToke
     except Exception as e:  # a Rust error string: the file is not a tokenizer.json
         raise DataError(f"{key}: {path} is not a tokenizer.json the tokenizers library reads ({first_line(e)})") \
             from None
+    if not tok.get_vocab(with_added_tokens=True):
+        raise DataError(f"{key}: {path} has an empty vocabulary (no token ids): it cannot encode any text")
     return HFTokenizer(tok, kind, f"{kind} {path}")
 
 

@@ -25,6 +25,7 @@ from ..parallel.dist import Layout
 from ..run.checkpoint import expected_model_shapes, load_checkpoint
 from ..run.checkpoint_files import (META_FILE, CheckpointError, Found, check_model_shapes, config_of, latest_checkpoint,
                                     verify)
+from ..run.output_dir import make_output_dir, writing_into
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
@@ -118,19 +119,19 @@ def export(run_dir: str | Path, out_dir: str | Path, warn=lambda line: None) -> 
     """Write the newest complete checkpoint of `run_dir` (any EP size) as one safetensors file."""
     found = find_checkpoint(Path(run_dir), warn)
     cfg = _for_one_process(config_of(found), torch.device("cpu"))
+    out = make_output_dir(out_dir, "export OUT_DIR")  # before the (long) load
     model = load_checkpoint_model(found, cfg, torch.device("cpu"))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     weights = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    save_file(weights, out / EXPORT_WEIGHTS, metadata={"step": str(found.step), "format": "moe-trainer"})
-    save_config(cfg, out / EXPORT_CONFIG)
     info = {"step": found.step, "checkpoint": str(found.path.resolve()), "saved_with": found.layout,
             "parameters": sum(t.numel() for t in weights.values())}
-    (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
     from ..data import save_tokenizer, saved_tokenizer
 
-    # a bpe or pretrained run's tokenizer.json travels with its weights (eval and sample read it there)
-    save_tokenizer(saved_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_name, Path(run_dir)), out, replace=True)
+    with writing_into(out, "export OUT_DIR"):
+        save_file(weights, out / EXPORT_WEIGHTS, metadata={"step": str(found.step), "format": "moe-trainer"})
+        save_config(cfg, out / EXPORT_CONFIG)
+        (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+        # a bpe or pretrained run's tokenizer.json travels with its weights (eval and sample read it there)
+        save_tokenizer(saved_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_name, Path(run_dir)), out, replace=True)
     return found, out / EXPORT_WEIGHTS
 
 

@@ -201,6 +201,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, warn=lambda line: None) 
 
     from ..data import save_tokenizer, saved_tokenizer
     from ..run.checkpoint_files import config_of
+    from ..run.output_dir import make_output_dir, writing_into
     from .export import _for_one_process, find_checkpoint, load_checkpoint_model
 
     found = find_checkpoint(Path(run_dir), warn)
@@ -209,14 +210,14 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, warn=lambda line: None) 
     if problem:
         raise HFMixtralError(f"export --format hf: {problem}")
     cpu = torch.device("cpu")
+    out = make_output_dir(out_dir, "export OUT_DIR")  # before the (long) load
     model = load_checkpoint_model(found, _for_one_process(cfg, cpu), cpu)
     tensors = {name: t.float() for name, t in to_hf(model.state_dict(), cfg).items()}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / HF_WEIGHTS, metadata={"format": "pt", "step": str(found.step)})
-    (out / HF_CONFIG).write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
-    # a bpe or pretrained run's tokenizer.json (the `tokenizers` format transformers' fast tokenizers read)
-    save_tokenizer(saved_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_name, Path(run_dir)), out, replace=True)
+    with writing_into(out, "export OUT_DIR"):
+        save_file(tensors, out / HF_WEIGHTS, metadata={"format": "pt", "step": str(found.step)})
+        (out / HF_CONFIG).write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+        # a bpe or pretrained run's tokenizer.json (the `tokenizers` format transformers' fast tokenizers read)
+        save_tokenizer(saved_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_name, Path(run_dir)), out, replace=True)
     return found, out / HF_WEIGHTS
 
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from ..config import ParallelConfig
+from ..launch_env import env_rank, env_world_size
 from ..moe.collectives import named_collective
 
 
@@ -48,15 +49,6 @@ class Layout:
     @property
     def num_replicas(self) -> int:
         return self.world_size // self.ep
-
-
-def env_world_size() -> int:
-    """World size as the launcher announces it, readable before any process group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def pick_device(preference: str) -> torch.device:

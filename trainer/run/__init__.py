@@ -8,6 +8,8 @@
 | `checkpoint.py` | what a checkpoint holds: entries under global expert ids, saved and loaded with DCP |
 | `checkpoint_files.py` | `checkpoints/` on disk: names, the manifest, atomic publishing, verification, discovery |
 | `preemption.py` | SIGTERM/SIGINT become a request to stop after the step, with a checkpoint |
+| `error_once.py` | an error the same on every rank printed once, by whichever rank gets there first |
+| `output_dir.py` | a subcommand's output directory made sure of before any work |
 | `tracking.py` | `metrics.jsonl`, the console log, wandb / tensorboard, the progress bar |
 
 Imports: `parallel` and the layers below it (`config`, `seeding`, `model`, `moe`, `data`),

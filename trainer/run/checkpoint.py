@@ -38,7 +38,7 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 from ..moe.collectives import all_reduce_sum_, named_collective
 from ..moe.experts import Experts
 from .checkpoint_files import (CHECKPOINTS, FORMAT_VERSION, PARTIAL_PREFIX, CheckpointError, Found, prune, publish,
-                               remove_checkpoint, saved_shapes, step_dir_name)
+                               remove_checkpoint, step_dir_name)
 
 
 @dataclass
@@ -202,7 +202,7 @@ def load_checkpoint(found: Found, model: nn.Module, optimizer: Optional[torch.op
 
     Each rank asks for its own experts by global id, whatever layout saved them; RNG states
     are restored (`restore_rng`) only when the world size is the one that saved them."""
-    saved = saved_shapes(found.path)
+    saved = found.shapes
     entries = model_entries(model)
     if optimizer is not None and any(k.startswith("optim/") for k in saved):
         bare = next((name for name, p in model.named_parameters() if not optimizer.state.get(p)), None)

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -52,6 +52,7 @@ class Found:
     ep: int
     config: dict
     data_fingerprint: Optional[str]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)  # entry -> shape, from DCP's index
 
     @property
     def layout(self) -> str:
@@ -130,7 +131,7 @@ def prune(run_dir: Path, keep: int, newest: Path) -> None:
 
 
 def verify(path: Path) -> Found:
-    """Read `meta.json` and check every file against it; CheckpointError names the first fault."""
+    """Read `meta.json`, check every file against it and read DCP's index; CheckpointError names the first fault."""
     try:
         meta = json.loads((path / META_FILE).read_text())
     except FileNotFoundError:
@@ -161,6 +162,7 @@ def verify(path: Path) -> Found:
     named = _STEP_DIR.match(path.name)
     if named and int(named.group(1)) != found.step:
         raise CheckpointError(f"{path}: {META_FILE} says step {found.step}, not the step in its name")
+    found.shapes = saved_shapes(path)  # DCP's index must load too (a manifest can match a damaged one)
     return found
 
 
@@ -196,7 +198,7 @@ def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def check_model_shapes(found: Found, expected: tuple[dict[str, tuple[int, ...]], set[str]]) -> None:
     """CheckpointError naming the first model tensor that the config and the checkpoint disagree on."""
     shapes, optional = expected
-    saved = {k: v for k, v in saved_shapes(found.path).items() if k.startswith("model/")}
+    saved = {k: v for k, v in found.shapes.items() if k.startswith("model/")}
     for key, shape in shapes.items():
         if key not in saved and key in optional:
             continue

@@ -95,6 +95,8 @@ def deepspeed_user_config(path: Optional[str]) -> dict:
         values = json.loads(file.read_text())
     except ValueError as e:
         raise ConfigError(f"train.deepspeed_config: {file} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"train.deepspeed_config: {file} cannot be read: {e.strerror or e}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"train.deepspeed_config: {file} must hold a JSON object")
     for key, owner in OWNED_KEYS.items():
@@ -117,7 +119,7 @@ def deepspeed_user_config(path: Optional[str]) -> dict:
     return values
 
 
-def check_deepspeed_settings(cfg: Config) -> None:
+def check_deepspeed_settings(cfg: Config, world_size: int) -> None:
     """train.engine=deepspeed: the stage, the package and the JSON file; one ConfigError naming the key."""
     t = cfg.train
     if t.zero_stage == 3:
@@ -129,8 +131,38 @@ def check_deepspeed_settings(cfg: Config) -> None:
                           "gradient norm stops the run)")
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("train.engine: deepspeed is not installed; run `bash launch/setup.sh --deepspeed`")
-    deepspeed_user_config(t.deepspeed_config)
+    values = deepspeed_user_config(t.deepspeed_config)
+    if values:
+        check_with_deepspeed(values, cfg, world_size)
 
+
+def check_with_deepspeed(values: dict, cfg: Config, world_size: int) -> None:
+    """DeepSpeed's own validation of the user's JSON (its pydantic models), here rather than as a
+    traceback from every rank inside `deepspeed.initialize`."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda_wanted(cfg) else "cpu")  # as the engine sets it
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    t = cfg.train
+    micro = t.batch_size // world_size // t.grad_accum  # DeepSpeed checks the batch keys against a world of one here
+    owned = {"train_batch_size": micro * t.grad_accum, "train_micro_batch_size_per_gpu": micro,
+             "gradient_accumulation_steps": t.grad_accum,
+             "zero_optimization": {**values.get("zero_optimization", {}), "stage": t.zero_stage}}
+    try:
+        DeepSpeedConfig({**values, **owned})
+    except Exception as e:  # pydantic's ValidationError, or whatever DeepSpeed's own parsing raises
+        raise ConfigError(f"train.deepspeed_config: {t.deepspeed_config}: DeepSpeed rejects it: "
+                          f"{_deepspeed_complaint(e, values)}") from None
+
+
+def _deepspeed_complaint(error: Exception, values: dict) -> str:
+    """`section.key: message` for a pydantic error, else the exception's first line."""
+    details = error.errors() if hasattr(error, "errors") and callable(error.errors) else None
+    if not details:
+        lines = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    loc = [str(part) for part in details[0].get("loc", ())]
+    section = next((k for k, v in values.items() if isinstance(v, dict) and loc and loc[0] in v), None)
+    return f"{'.'.join(([section] if section else []) + loc)}: {details[0].get('msg', error)}"
 
 
 # ----------------------------------------------------------------------------- memory
@@ -232,5 +264,5 @@ def preflight(cfg: Config, world_size: int) -> None:
     check_device(cfg)
     check_packages_and_data(cfg)
     if cfg.train.engine == "deepspeed":
-        check_deepspeed_settings(cfg)  # reads train.deepspeed_config
+        check_deepspeed_settings(cfg, world_size)  # reads train.deepspeed_config
     check_memory(cfg, world_size)

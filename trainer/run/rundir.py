@@ -15,10 +15,12 @@ import fcntl
 import os
 import socket
 from pathlib import Path
+from typing import Optional
 
 from .tracking import METRICS_FILE
 
 LOCK_FILE = ".lock"
+NOT_CHANGED, DELETED, REPLACED = 0, 1, 2  # what became of run.dir while the run held its lock
 
 
 class RunDirError(ValueError):
@@ -40,6 +42,13 @@ def inspect_run_dir(run_dir: Path) -> None:
 
     Used by `python -m trainer check` (which then looks for a checkpoint to resume, as `train`
     does); `RunDirLock.acquire` repeats the checks for real."""
+    try:
+        _inspect(run_dir)
+    except OSError as e:  # a name longer than the file system allows, a loop of links, ...
+        raise RunDirError(f"run.dir: {run_dir} cannot be used: {_reason(e)}") from None
+
+
+def _inspect(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run.dir: {run_dir} exists and is not a directory")
     base = _nearest_existing(run_dir)
@@ -54,6 +63,16 @@ def inspect_run_dir(run_dir: Path) -> None:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise _in_use(run_dir, lock_path) from None
+
+
+def run_dir_lost(run_dir: Path, change: int, step: int, newest_checkpoint: Optional[int]) -> RunDirError:
+    """The error every rank raises once rank 0 has seen run.dir deleted or replaced under the run."""
+    what = "was deleted" if change == DELETED else "was replaced by another directory"
+    saved = f"the checkpoints written there (the newest at step {newest_checkpoint})" if newest_checkpoint else \
+        "(no checkpoint had been written yet)"
+    return RunDirError(f"run.dir: {run_dir} {what} while the run was training (noticed at step {step}): its "
+                       f"{METRICS_FILE}, train.log, config.yaml and lock are gone from there, and {saved}; the run "
+                       "stopped rather than go on writing where nobody will find it")
 
 
 def holds_a_run_without_checkpoint(run_dir: Path) -> RunDirError:
@@ -76,8 +95,15 @@ class RunDirLock:
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self._file = None
+        self._identity: Optional[tuple[int, int]] = None  # (device, inode) of run.dir when it was locked
 
     def acquire(self) -> "RunDirLock":
+        try:
+            return self._acquire()
+        except OSError as e:  # a name longer than the file system allows, a loop of links, ...
+            raise RunDirError(f"run.dir: {self.run_dir} cannot be used: {_reason(e)}") from None
+
+    def _acquire(self) -> "RunDirLock":
         run_dir = self.run_dir
         if run_dir.exists() and not run_dir.is_dir():
             raise RunDirError(f"run.dir: {run_dir} exists and is not a directory")
@@ -102,7 +128,19 @@ class RunDirLock:
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         self._file = f
+        st = os.stat(run_dir)
+        self._identity = (st.st_dev, st.st_ino)
         return self
+
+    def change(self) -> int:
+        """NOT_CHANGED, DELETED (nothing at the path now) or REPLACED (another directory there)."""
+        try:
+            st = os.stat(self.run_dir)
+        except FileNotFoundError:
+            return DELETED
+        except OSError:
+            return NOT_CHANGED  # cannot tell (a flaky network file system): carry on
+        return NOT_CHANGED if (st.st_dev, st.st_ino) == self._identity else REPLACED
 
     def release(self) -> None:
         if self._file is not None:

@@ -74,10 +74,40 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class MetricsError(ValueError):
+    """metrics.jsonl is damaged; the message names the file and the line."""
+
+
+def _metrics_lines(path: Path) -> list[str]:
+    """The file's lines (FileNotFoundError if there is none); MetricsError at a line that is not text."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = []
+    for number, line in enumerate(raw.splitlines(keepends=True), 1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise MetricsError(f"{path}: line {number} is not UTF-8 text, so the file is damaged; move it aside to "
+                               "go on without the run's logged history") from None
+    return lines
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records a run wrote to `run_dir/metrics.jsonl`; FileNotFoundError if it wrote none."""
-    with open(Path(run_dir) / METRICS_FILE) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records a run wrote to `run_dir/metrics.jsonl`; FileNotFoundError if it wrote none,
+    MetricsError if it is damaged (a last line cut short by a kill is left out)."""
+    path = Path(run_dir) / METRICS_FILE
+    lines = _metrics_lines(path)
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines) and not line.endswith("\n"):
+                break  # the record being written when the run was killed
+            raise MetricsError(f"{path}: line {number} is not a JSON record, so the file is damaged") from None
+    return records
 
 
 def truncate_metrics(run_dir: Path, step: int) -> int:
@@ -87,7 +117,7 @@ def truncate_metrics(run_dir: Path, step: int) -> int:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return 0
-    lines = path.read_text().splitlines(keepends=True)
+    lines = _metrics_lines(path)
     kept = []
     for line in lines:
         try:

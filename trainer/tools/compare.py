@@ -171,12 +171,22 @@ def check_run_dir_holds(directory: Path, cfg: Config) -> None:
                                f"{value}; remove it or pass another --out")
 
 
+def run_records(directory: Path) -> list[dict]:
+    """A run's metrics.jsonl records; a damaged file is one CompareError line."""
+    from ..run.tracking import MetricsError, read_metrics
+
+    try:
+        return read_metrics(directory)
+    except MetricsError as e:
+        raise CompareError(f"compare: {e}") from None
+
+
 def finished(directory: Path, steps: int) -> bool:
-    from ..run.tracking import METRICS_FILE, read_metrics
+    from ..run.tracking import METRICS_FILE
 
     if not (directory / METRICS_FILE).is_file():
         return False
-    return any(r["step"] == steps and r.get("val_loss") is not None for r in read_metrics(directory))
+    return any(r["step"] == steps and r.get("val_loss") is not None for r in run_records(directory))
 
 
 def restart_without_checkpoint(directory: Path, say: Callable[[str], None]) -> None:
@@ -264,9 +274,7 @@ def final_eval(directory: Path, eval_batches: int) -> float:
 
 
 def seed_result(directory: Path, seed: int, steps: int, eval_batches: Optional[int] = None) -> SeedResult:
-    from ..run.tracking import read_metrics
-
-    records = read_metrics(directory)
+    records = run_records(directory)
     curve = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]  # per logged interval
     record = directory / RUN_RECORD
@@ -336,6 +344,12 @@ def compare(items: list[str], seeds: int, nproc: int, out: str, say: Callable[[s
     for entry in entries:  # before anything trains: a stale run.dir is refused up front
         for seed in seed_list:
             check_run_dir_holds(run_dir(out_dir, entry, seed), _seeded(entry.cfg, seed, run_dir(out_dir, entry, seed)))
+    from ..run.output_dir import OutputDirError, make_output_dir
+
+    try:
+        make_output_dir(out_dir, "compare --out")
+    except OutputDirError as e:
+        raise CompareError(str(e)) from None
     results: dict[str, list[SeedResult]] = {e.label: [] for e in entries}
     total, done = len(entries) * seeds, 0
     for seed in seed_list:  # seed-major: after the first pass every config has a figure

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from ..run.tracking import METRICS_FILE, read_metrics
+from ..run.tracking import METRICS_FILE, MetricsError, read_metrics
 
 
 class ReportError(ValueError):
@@ -40,7 +40,11 @@ class Run:
         self.dir, self.name = run_dir, run_dir.resolve().name
         if not (run_dir / METRICS_FILE).is_file():
             raise ReportError(f"report: {run_dir} has no {METRICS_FILE} (not a run.dir, or the run logged nothing)")
-        self.records = read_metrics(run_dir)
+        try:
+            self.records = read_metrics(run_dir)
+        except (MetricsError, OSError) as e:
+            raise ReportError(f"report: {e}" if isinstance(e, MetricsError) else
+                              f"report: {run_dir / METRICS_FILE} cannot be read: {e.strerror or e}") from None
         if not self.records:
             raise ReportError(f"report: {run_dir / METRICS_FILE} is empty")
         self.tokens_per_step = self._tokens_per_step()

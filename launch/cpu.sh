@@ -7,6 +7,10 @@
 #   e.g. launch/cpu.sh configs/tiny.yaml train.steps=100 run.dir=runs/x
 # OMP_NUM_THREADS defaults to max(1, cores / NPROC).
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the comment above, as this script's usage
+    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 
 if (($# < 1)); then

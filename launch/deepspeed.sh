@@ -8,6 +8,10 @@
 # Usage: [NPROC=2] [HOSTFILE=hosts] launch/deepspeed.sh [--gpu] CONFIG [key=value ...]
 #   needs `bash launch/setup.sh --deepspeed` (or --dev)
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the comment above, as this script's usage
+    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 
 device=(parallel.backend=gloo train.device=cpu)

@@ -6,6 +6,10 @@
 #   e.g. launch/gpu_node.sh configs/gpu.yaml run.dir=runs/x
 # NPROC defaults to the number of GPUs listed by nvidia-smi -L.
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the comment above, as this script's usage
+    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 
 if (($# < 1)); then

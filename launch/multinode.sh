@@ -5,8 +5,12 @@
 #
 # Usage: NNODES=2 MASTER_ADDR=node0 [NPROC_PER_NODE=8] [MASTER_PORT=29500] [RDZV_ID=moe-trainer] \
 #            launch/multinode.sh CONFIG [key=value ...]
-# NPROC_PER_NODE defaults to the GPU count from nvidia-smi, else 1. See launch/slurm.sbatch.
+# NPROC_PER_NODE defaults to the GPU count from nvidia-smi; without GPUs it must be given. See launch/slurm.sbatch.
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the comment above, as this script's usage
+    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 
 if (($# < 1)); then
@@ -23,10 +27,12 @@ if [[ -z "${MASTER_ADDR:-}" ]]; then
 fi
 
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-    if command -v nvidia-smi >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1 && (( $(nvidia-smi -L 2>/dev/null | wc -l) > 0 )); then
         NPROC_PER_NODE=$(nvidia-smi -L | wc -l)
     else
-        NPROC_PER_NODE=1
+        echo "multinode: no GPU found on this node (no nvidia-smi, or it lists none), so the processes per node are" \
+             "unknown; set NPROC_PER_NODE=N (on CPU nodes also pass parallel.backend=gloo train.device=cpu)" >&2
+        exit 2
     fi
 fi
 MASTER_PORT="${MASTER_PORT:-29500}"

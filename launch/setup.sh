@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create/refresh the virtual environment .venv in the repo root and install the trainer
-# (editable) into it. torch is installed first, only if it is not importable yet:
-# torch==2.13.0 on machines without nvidia-smi (the local CPU wheel), otherwise
-# torch>=2.4,<2.14 from the default index (a CUDA build).
+# (editable) into it. torch is installed first, only if it is not importable yet: with nvidia-smi,
+# torch>=2.4,<2.14 from the default index (a CUDA build); without it, the CPU build of torch 2.13.0,
+# from pip's own index where that offers it (a local wheel) and from PyTorch's CPU wheel index otherwise.
 #
 # Usage: launch/setup.sh [--dev] [--wandb] [--hf] [--tensorboard] [--plot] [--accelerate] [--deepspeed]
 #   (PYTHON=python3.11 to pick the interpreter)
@@ -38,13 +38,24 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 py=.venv/bin/python
 
+# the torch build pip would pick for a pin: "2.13.0+cpu" where the index offers the CPU build
+resolved_torch() {
+    "$py" -m pip install --dry-run --quiet --report - "torch==$1" 2>/dev/null | "$py" -c "import json, sys
+print(next(i['metadata']['version'] for i in json.load(sys.stdin)['install'] if i['metadata']['name'] == 'torch'))" \
+        2>/dev/null || true
+}
+
 if ! "$py" -c "import torch" >/dev/null 2>&1; then
     if command -v nvidia-smi >/dev/null 2>&1; then
-        "$py" -m pip install -q "torch>=2.4,<2.14"
-    else
-        # pinned: pip's config on our CPU machines points at a local CPU wheel of this version;
-        # an unpinned torch would pull several GB of CUDA packages
+        "$py" -m pip install -q "torch>=2.4,<2.14"  # a CUDA build, from the default index
+    elif [[ "$(resolved_torch 2.13.0)" == *+cpu ]]; then
+        # pip's own index already holds the CPU build (as on our CI machines, a local wheel)
         "$py" -m pip install -q "torch==2.13.0"
+    else
+        # the default index's torch 2.13.0 is a CUDA build that pulls several GB of CUDA libraries:
+        # on a machine without a GPU take the CPU build from PyTorch's own index instead
+        echo "setup: no GPU here: installing the CPU build of torch 2.13.0 from PyTorch's wheel index" >&2
+        "$py" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
 

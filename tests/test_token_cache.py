@@ -158,6 +158,7 @@ def test_a_second_run_maps_the_shards_the_first_built_and_the_tokenizer_travels(
     second = run_cli(["train", TINY, *SMALL, *BPE, f"data.cache_dir={cache}", f"run.dir={tmp_path / 'b'}"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert lines(second.stderr, "tokens: shards reused from the cache") and "bpe tokenizer reused" in second.stderr
+    assert "reused from the cache (built in" not in second.stderr  # read as a contradiction: nothing was built now
     assert digests(cache / "tokens") == shards  # untouched: neither rewritten nor rebuilt
     assert [b["built"] for b in builds(cache)] == ["tokenizer", "tokens"]
     assert [r["loss"] for r in read_metrics(tmp_path / "a")] == [r["loss"] for r in read_metrics(tmp_path / "b")]

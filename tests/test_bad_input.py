@@ -193,3 +193,11 @@ def test_metrics_that_are_not_utf8_refuse_resume_and_report_in_one_line_and_stay
     code, _, err = cli(capsys, "report", str(run_dir), "--out", str(tmp_path / "plots"))
     one_error(code, err, "metrics.jsonl", "line 4")
     assert digest(run_dir) == before
+
+
+def test_a_wandb_mode_wandb_would_reject_is_one_line_naming_the_variable(capsys, tmp_path, corpus, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    code, _, err = cli(capsys, "check", TINY, *SMALL, *files_data(corpus), "run.tracker=wandb",
+                       f"run.dir={tmp_path / 'run'}")
+    one_error(code, err, "WANDB_MODE='bogus'", "offline")

@@ -24,6 +24,7 @@ from ..data import dataset_script_problem
 from ..moe.experts import grouped_mm_problem
 
 GiB = 1 << 30
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")  # what wandb accepts in WANDB_MODE
 BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + two fp32 AdamW moments
 
 
@@ -51,6 +52,10 @@ def check_packages_and_data(cfg: Config) -> None:
     if cfg.run.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("run.tracker: wandb is not installed; run `bash launch/setup.sh --wandb` "
                           "(or pip install -e '.[wandb]'), or set run.tracker=none")
+    mode = os.environ.get("WANDB_MODE")
+    if cfg.run.tracker == "wandb" and mode is not None and mode not in WANDB_MODES:
+        raise ConfigError(f"run.tracker: the environment's WANDB_MODE={mode!r} is not one of {', '.join(WANDB_MODES)} "
+                          "(unset it: without an API key the trainer runs wandb offline by itself)")
     if cfg.run.tracker == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("run.tracker: tensorboard is not installed; run `bash launch/setup.sh --tensorboard` "
                           "(or pip install -e '.[tensorboard]'), or set run.tracker=none")

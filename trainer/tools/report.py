@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import yaml
 
+from ..run.output_dir import OutputDirError, make_output_dir
 from ..run.tracking import METRICS_FILE, MetricsError, read_metrics
 
 
@@ -164,11 +165,10 @@ def report(run_dirs: list[str], out_dir: Optional[str] = None, say: Callable[[st
     """Write the PNGs and return their paths; a run without per-expert counts is named once."""
     runs = [Run(Path(d)) for d in run_dirs]
     plt = _pyplot()
-    out = Path(out_dir) if out_dir else runs[0].dir
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ReportError(f"report: --out {out} cannot be created: {e.strerror or e}") from None
+        out = make_output_dir(out_dir or runs[0].dir, "report --out")
+    except OutputDirError as e:
+        raise ReportError(str(e)) from None
     written = [plot_loss(runs, out, plt)]
     written.append(plot_routing(runs, out, plt))
     for run in runs:

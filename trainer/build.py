@@ -21,8 +21,9 @@ from .data import TokenBatches
 from .engines import Engine, build_engine
 from .model import Transformer
 from .moe.collectives import all_reduce_sum_
+from .parallel.activation_checkpointing import apply_activation_checkpointing
 from .parallel.dist import Layout
-from .parallel.grad_sync import GradSync
+from .parallel.grad_sync import GradSync, split_dense_expert
 from .parallel.parallelize import parallelize
 from .run.agreement import check_replicas_identical
 
@@ -79,9 +80,12 @@ class Trainer:
 
 
 def build_trainer(cfg: Config, layout: Layout) -> Trainer:
-    model = build_model(cfg, layout)
+    """The model (with `train.activation_checkpointing` applied, before an engine wraps or shards
+    it) and its engine."""
+    model = apply_activation_checkpointing(build_model(cfg, layout), cfg.train.activation_checkpointing)
+    # before an engine shards anything: replicas are whole tensors here, under every engine
+    check_replicas_identical(model, split_dense_expert(model)[1], layout.world_group, layout.expert_dp_group)
     engine = build_engine(cfg, model, layout)
-    check_replicas_identical(model, engine.grad_sync.expert, layout.world_group, layout.expert_dp_group)
     return Trainer(cfg, layout, model, engine)
 
 

@@ -91,7 +91,9 @@ class TrainConfig:
     eval_batches: int = 4  # global batches of the validation split per evaluation; 0 = the whole split, each window once
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 (autocast; router and losses stay fp32)
-    engine: str = "native"  # native (our gradient sync + AdamW) | deepspeed (DeepSpeed's engine and ZeRO optimizer)
+    engine: str = "native"  # native (our gradient sync + AdamW) | deepspeed (DeepSpeed's ZeRO 0-2) | fsdp (torch FSDP2: ZeRO-3)
+    reshard_after_forward: bool = True  # fsdp: free gathered weights after each block's forward (ZeRO-3); false keeps them to backward (ZeRO-2)
+    activation_checkpointing: str = "none"  # none | full (each block recomputed in backward) | moe (only MoE FFNs recomputed)
     zero_stage: int = 0  # deepspeed: ZeRO stage 0, 1 (optimizer state sharded) or 2 (and gradients); 3 is refused
     deepspeed_config: Optional[str] = None  # deepspeed: a DeepSpeed JSON config merged in; keys the trainer owns are refused
 
@@ -369,7 +371,8 @@ def validate(cfg: Config, world_size: int) -> None:
     _require(t.skip_nonfinite >= 0, "train.skip_nonfinite", f"must be >= 0, got {t.skip_nonfinite}")
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     _choice(t.dtype, "train.dtype", ("fp32", "bf16"))
-    _choice(t.engine, "train.engine", ("native", "deepspeed"))
+    _choice(t.engine, "train.engine", ("native", "deepspeed", "fsdp"))
+    _choice(t.activation_checkpointing, "train.activation_checkpointing", ("none", "full", "moe"))
     if t.engine != "deepspeed":  # the DeepSpeed settings and JSON are checked against the machine: preflight
         _require(t.zero_stage == 0, "train.zero_stage", f"needs train.engine=deepspeed, got {t.zero_stage}")
         _require(t.deepspeed_config is None, "train.deepspeed_config", "needs train.engine=deepspeed")

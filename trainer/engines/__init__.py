@@ -1,6 +1,6 @@
-"""How a step's gradients become an update: the native loop or DeepSpeed's engine.
+"""How a step's gradients become an update: the native loop, DeepSpeed's engine, or FSDP2.
 
-Both present the same small interface to `train.train_step` and to the checkpoint code:
+All present the same small interface to `train.train_step` and to the checkpoint code:
 
     out = engine.forward(inputs, targets, ...)         # the model's forward
     engine.backward(out.loss, micro_batches, last)     # once per micro-batch
@@ -90,6 +90,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def build_engine(cfg: Config, model: nn.Module, layout: Layout) -> Engine:
+    if cfg.train.engine == "fsdp":
+        from .fsdp import FSDPEngine
+
+        return FSDPEngine(cfg, model, layout)
     if cfg.train.engine == "deepspeed":
         from .deepspeed_zero import DeepSpeedZero
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import Config
 from ..moe.collectives import named_collective
-from ..parallel.dist import Layout, ep_group_ranks, new_groups, replica_group_ranks
+from ..parallel.dist import Layout, ep_group_ranks, join_world_alone, new_groups, replica_group_ranks
 from ..parallel.grad_sync import GradSync
 from ..run.preflight import deepspeed_user_config
 from . import ADAM_MOMENTS, NonFiniteError, adamw, adamw_param_groups, set_lr, zeroed_adamw_state
@@ -53,16 +53,6 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     })
     values.setdefault("steps_per_print", 2**31 - 1)  # the trainer logs steps
     return values
-
-
-def _join_world_alone() -> None:
-    """DeepSpeed needs a process group even for one process (a gloo group of one, in memory) and
-    reads the launcher's variables from the environment."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        for name in ("LOCAL_RANK", "RANK"):
-            os.environ.setdefault(name, "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
 
 
 def _register_groups(layout: Layout, timeout_s: float) -> str:
@@ -125,7 +115,7 @@ class DeepSpeedZero:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         # DeepSpeed 0.19 calls a torch collective that torch 2.13 deprecates, on every rank at every save
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
-        _join_world_alone()
+        join_world_alone("gloo")
         self.model, self.stage = model, cfg.train.zero_stage
         self.grad_sync = GradSync(model, layout, overlap=False)  # which parameters are experts; stage 0's norm
         group_name = _register_groups(layout, cfg.parallel.timeout_s)

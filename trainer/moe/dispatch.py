@@ -76,7 +76,11 @@ class Dispatcher:
         `global_routed_E` (routes per expert summed over every data-parallel rank, the same on
         all of them) lets a dropless layer refuse a load over `max_recv_factor` before moving rows."""
         plan = self.plan(routing, global_routed_E, phase)
-        return self.regroup(self.exchange(self.permute(x_TD, plan), plan), plan), plan
+        return self.send(x_TD, plan), plan
+
+    def send(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """The rows of `plan` for this rank's experts, grouped by local expert: permute -> exchange -> regroup."""
+        return self.regroup(self.exchange(self.permute(x_TD, plan), plan), plan)
 
     def plan(self, routing: Routing, global_routed_E: Optional[torch.Tensor] = None,
              phase: str = "training") -> DispatchPlan:

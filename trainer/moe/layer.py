@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from . import recompute
 from .collectives import all_reduce_sum_, group_rank, group_size
 from .dispatch import Dispatcher
 from .experts import Experts, SharedExperts, default_init_std
@@ -155,16 +156,25 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None,
                 token_offset: Optional[int] = None) -> MoEOutput:
         """`token_offset`: index of x's first token in the optimizer step's global batch, for the
-        training noise; by default (micro-batch call * ranks + rank) * tokens, i.e. micro-batch-major."""
+        training noise; by default (micro-batch call * ranks + rank) * tokens, i.e. micro-batch-major.
+
+        Under activation checkpointing the forward records its routing decision and the recompute
+        replays it (`trainer.moe.recompute`): no second noise draw, count or count exchange."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         valid_T = None if valid is None else valid.reshape(-1)
-        routing, counts, aux_loss, z_loss = self.route(x_TD, valid_T, shape[-2] if len(shape) >= 3 else None,
-                                                       token_offset)
+        seq_len = shape[-2] if len(shape) >= 3 else None
+        decision = recompute.replayed(self, self.where)
+        routing, counts, aux_loss, z_loss = self.route(x_TD, valid_T, seq_len, token_offset, decision)
         if torch.is_autocast_enabled(x.device.type):  # send half-width rows, experts run in it anyway
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
-        x_XD, plan = self.dispatcher.dispatch(x_TD, routing, *self.dispatch_limits(counts))
-        y_XD = self.experts(x_XD, plan.tokens_per_local_expert)
+        if decision is None:
+            plan = self.dispatcher.plan(routing, *self.dispatch_limits(counts))
+            recompute.record(self, recompute.RoutingDecision(
+                routing.expert_idx_TK, routing.keep_TK, counts.all, routing.token_offset, plan))
+        else:
+            plan = decision.plan_with_weights(routing.weight_TK)
+        y_XD = self.experts(self.dispatcher.send(x_TD, plan), plan.tokens_per_local_expert)
         out_TD = self.dispatcher.combine(y_XD, plan)
         if self.shared_experts is not None:  # every valid token, no routing; padding still gets zero
             shared_TD = self.shared_experts(x_TD).float()
@@ -178,22 +188,33 @@ class MoE(nn.Module):
         )
 
     def route(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None, seq_len: Optional[int] = None,
-              token_offset: Optional[int] = None) -> tuple[Routing, RoutingCounts, torch.Tensor, torch.Tensor]:
+              token_offset: Optional[int] = None, decision: Optional[recompute.RoutingDecision] = None,
+              ) -> tuple[Routing, RoutingCounts, torch.Tensor, torch.Tensor]:
         """The first stage of `forward`: routing, the layer's one reduction of routing statistics,
-        and the balance losses (aux, z). Also used by `trainer.tools.stage_timing`."""
-        offset = token_offset or 0
-        if self.router.noisy and self.training:
-            if token_offset is None:
-                T = x_TD.shape[0]
-                offset = (self.router.noise_calls * group_size(self.stats_group) + group_rank(self.stats_group)) * T
-            self.router.noise_calls += 1
-        routing = self.router(x_TD, valid_T, seq_len=seq_len, token_offset=offset)
-        # the layer's one reduction: routing counts over every rank whose loss the sync averages
-        counts = RoutingCounts.split(all_reduce_sum_(
-            routing.local_counts, self.stats_group, self.where, "all_reduce of routing statistics"))
+        and the balance losses (aux, z). Also used by `trainer.tools.stage_timing`. With a recorded
+        `decision` (a recompute), the choices, counts and noise key are the recorded ones."""
+        if decision is not None:
+            offset = decision.token_offset
+        else:
+            offset = token_offset or 0
+            if self.router.noisy and self.training:
+                if token_offset is None:
+                    T = x_TD.shape[0]
+                    offset = (self.router.noise_calls * group_size(self.stats_group) + group_rank(self.stats_group)) * T
+                self.router.noise_calls += 1
+        chosen = None if decision is None else (decision.expert_idx_TK, decision.keep_TK)
+        routing = self.router(x_TD, valid_T, seq_len=seq_len, token_offset=offset, chosen=chosen)
+        routing.token_offset = offset
+        if decision is None:  # the layer's one reduction: routing counts over every rank the sync averages
+            global_counts = all_reduce_sum_(routing.local_counts, self.stats_group, self.where,
+                                            "all_reduce of routing statistics")
+        else:
+            global_counts = decision.global_counts
+        counts = RoutingCounts.split(global_counts)
         aux_loss, z_loss = balance_losses(routing, counts, group_size(self.stats_group), self.router.top_k,
                                           self.router.aux_loss_scope, self.router.prev_counts_E)
-        if self.router.counts_steps and self.training and torch.is_grad_enabled():  # only training forwards count
+        # only training forwards count, and a recompute's routes were counted by its forward
+        if decision is None and self.router.counts_steps and self.training and torch.is_grad_enabled():
             self.router.count_step(counts.routed_E)
         return routing, counts, aux_loss, z_loss
 

@@ -80,6 +80,7 @@ class Routing:
     local_counts: torch.Tensor  # int64 [E + 3]: routes per expert before drops, dropped routes, valid tokens, sequences
     entropy_sum: Optional[torch.Tensor] = None  # fp32 scalar, routing-distribution entropy summed over valid local tokens (detached)
     seq_aux_sum: Optional[torch.Tensor] = None  # fp32 scalar, per-sequence aux losses summed over local sequences (sequence scope)
+    token_offset: int = 0  # noise key of the first token (set by the MoE layer)
 
 
 @dataclass
@@ -90,10 +91,11 @@ class RoutingCounts:
     dropped: torch.Tensor  # int64 scalar, routes dropped by capacity
     valid_tokens: torch.Tensor  # int64 scalar
     sequences: torch.Tensor  # int64 scalar, sequences with at least one valid token
+    all: torch.Tensor  # int64 [E + 3], the four above in one tensor
 
     @staticmethod
     def split(counts: torch.Tensor) -> "RoutingCounts":
-        return RoutingCounts(counts[:-3], counts[-3], counts[-2], counts[-1])
+        return RoutingCounts(counts[:-3], counts[-3], counts[-2], counts[-1], counts)
 
 
 AUX_SCOPES = ("micro_batch", "global_batch", "sequence")
@@ -250,10 +252,13 @@ class Router(nn.Module):
         return self.router_jitter > 0 or self.noisy_topk
 
     def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
-                seq_len: Optional[int] = None, token_offset: int = 0) -> Routing:
+                seq_len: Optional[int] = None, token_offset: int = 0,
+                chosen: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Routing:
         """`seq_len`: tokens per sequence (x_TD holds whole sequences back to back); the sequence
         balance scope needs it, default: all of x_TD is one sequence. `token_offset`: index of
-        x_TD's first token in the optimizer step's global batch (keys the training noise)."""
+        x_TD's first token in the optimizer step's global batch (keys the training noise).
+        `chosen`: (expert_idx_TK, keep_TK) decided by an earlier forward of the same tokens (an
+        activation-checkpointing recompute): scores and weights are computed again, choices are not."""
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
         noisy = self.noisy and self.training
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
@@ -270,14 +275,17 @@ class Router(nn.Module):
         else:
             scores_TE = torch.sigmoid(logits_TE)
             probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)  # for the balance statistics
-        if self.use_expert_bias or self.n_groups > 1:  # choose on adjusted scores, weigh by the plain ones
+        # choose on detached (bias-adjusted, group-limited) scores and weigh by the plain ones; a
+        # recompute takes the forward's choice. gather, not topk's values: the same numbers, and
+        # the forward and its recompute save the same tensors for backward
+        if chosen is not None:
+            expert_idx_TK = chosen[0]
+        else:
             choice_TE = scores_TE.detach() + self.expert_bias_E if self.use_expert_bias else scores_TE.detach()
             if self.n_groups > 1:
                 choice_TE = self._within_best_groups(choice_TE)
             expert_idx_TK = torch.topk(choice_TE, K, dim=-1).indices
-            top_p_TK = scores_TE.gather(1, expert_idx_TK)
-        else:
-            top_p_TK, expert_idx_TK = torch.topk(scores_TE, K, dim=-1)
+        top_p_TK = scores_TE.gather(1, expert_idx_TK)
         weight_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True) if self.normalize_top_k else top_p_TK
         if self.route_scale != 1.0:
             weight_TK = weight_TK * self.route_scale
@@ -293,7 +301,9 @@ class Router(nn.Module):
 
         keep_TK = valid_TK
         capacity_factor = self.active_capacity_factor
-        if capacity_factor is not None:
+        if chosen is not None:
+            keep_TK = chosen[1]
+        elif capacity_factor is not None:
             if self.drop_policy == "position":
                 # all first choices before any second choice; earlier tokens first within a choice
                 priority_N = torch.arange(T * K, device=x_TD.device).view(K, T).t().reshape(-1)

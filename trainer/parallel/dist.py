@@ -98,6 +98,17 @@ def _restart_safe_store(timeout: datetime.timedelta) -> Optional[dist.Store]:
     return dist.PrefixStore(f"moe-trainer/attempt_{attempt}/", client)
 
 
+def join_world_alone(backend: str) -> ProcessGroup:
+    """A process group of one (in memory) for a single process whose engine needs one (DeepSpeed,
+    FSDP); the launcher's variables are set as a launcher would. Returns the world group."""
+    if not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        for name in ("LOCAL_RANK", "RANK"):
+            os.environ.setdefault(name, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    return dist.group.WORLD
+
+
 def ep_group_ranks(world_size: int, ep: int) -> list[list[int]]:
     """The EP groups: contiguous runs of `ep` ranks, each holding every expert once."""
     return [list(range(first, first + ep)) for first in range(0, world_size, ep)]

@@ -5,7 +5,8 @@ publishing, verification) is `checkpoint_files.py`.
 Every entry is a plain tensor (no pickled Python objects), keyed by what it is, not by
 who held it:
 
-    model/<name>                         a replicated tensor, saved once (DCP de-duplicates)
+    model/<name>                         a replicated tensor, saved once (DCP de-duplicates); an FSDP
+                                         shard (DTensor) is saved as its part of the logical tensor
     model/<name>/expert_<e>              expert e's slice of a stacked expert weight; e is the
                                          GLOBAL id, so any EP size can find its experts
     optim/<name>[/expert_<e>]/<moment>   each per-parameter optimizer tensor (AdamW's exp_avg and
@@ -34,6 +35,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
+from torch.distributed.tensor import DTensor
 
 from ..moe.collectives import all_reduce_sum_, named_collective
 from ..moe.experts import Experts
@@ -61,7 +63,12 @@ def _expert_ids_by_name(model: nn.Module) -> dict[str, range]:
 
 
 def _split_by_expert(key: str, tensor_L: torch.Tensor, ids: range, suffix: str = "") -> dict[str, torch.Tensor]:
-    # views, not copies: DCP saves from them and loads into them in place
+    """One entry per expert this rank holds. Views, not copies: DCP saves from them and loads into
+    them in place. A stacked weight sharded by FSDP over the experts' replicas (a DTensor split on
+    its expert dim) holds a run of whole experts: this rank writes (and reads) only those."""
+    if isinstance(tensor_L, DTensor):
+        first = tensor_L.__create_chunk_list__()[0].offsets[0]  # the shard's first row among the L
+        ids, tensor_L = ids[first:first + tensor_L.to_local().shape[0]], tensor_L.to_local()
     return {f"{key}/expert_{e}{suffix}": tensor_L[local] for local, e in enumerate(ids)}
 
 

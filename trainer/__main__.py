@@ -64,6 +64,18 @@ def _parser() -> argparse.ArgumentParser:
                           help="data.*, train.eval_batches, train.batch_size, train.device, ... "
                                "(the model's shape comes from the checkpoint)")
     commands.add_parser("config", help="list every config key with its default and meaning")
+    planner = commands.add_parser(
+        "plan", help="bytes per rank (params, grads, optimizer, activations) and all_to_all traffic of a layout, "
+                     "from fake process groups: one JSON line, and a summary on stderr",
+        epilog=format_config_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    planner.add_argument("config", help="YAML file, e.g. configs/gpu.yaml")
+    planner.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. parallel.ep=8")
+    planner.add_argument("--nproc", type=int, required=True, help="world size to plan for (any number)")
+    memory = planner.add_mutually_exclusive_group()
+    memory.add_argument("--device-memory-gb", type=float, default=None,
+                        help="memory per rank to fit in (default: this machine's RAM share per process)")
+    memory.add_argument("--gpu", choices=("h100", "h200", "a100"), default=None,
+                        help="fit in this GPU's memory (80, 141, 80 GB; FSDP then plans its CUDA bf16 policy)")
     plots = commands.add_parser("report", help="PNG plots of one or more runs (loss, routing, expert load)")
     plots.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run.dirs; the first gets the PNGs")
     plots.add_argument("--out", default=None, help="directory for the PNGs (default: the first RUN_DIR)")
@@ -228,7 +240,7 @@ def _main(argv: list[str] | None) -> int:
     args.overrides = [*getattr(args, "overrides", []), *rest]
     if args.command in ("export", "sample", "eval"):
         return _run_offline(args)
-    if args.command in ("train", "check", "bench"):
+    if args.command in ("train", "check", "bench"):  # plan runs alone, whatever launched it
         try:
             check_launch_env()
         except LaunchError as e:
@@ -251,12 +263,16 @@ def _main(argv: list[str] | None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
         print(format_config_keys())
         return 0
+    if args.command == "plan" and args.nproc < 1:
+        return _fail(f"plan: --nproc must be >= 1, got {args.nproc}", EXIT_BAD_INPUT)
     world_size = getattr(args, "nproc", None) or env_world_size()
 
     # everything here runs before any process group exists, identically on every rank
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg, world_size)
+        if args.command == "plan":  # for another machine: nothing here is checked against this one
+            return _run_plan(cfg, args)
         from .run.preflight import bf16_cpu_note, preflight  # imports torch: only once the config parses
 
         preflight(cfg, world_size)
@@ -269,6 +285,18 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "check":
         return _check_run_dir(cfg, args.config, world_size)
     return _run_training(cfg)
+
+
+def _run_plan(cfg, args) -> int:
+    import torch
+
+    from .tools.plan import GPU_MEMORY_GB, machine_share_gb, print_plan
+
+    if args.device_memory_gb is not None and not args.device_memory_gb > 0:
+        return _fail(f"plan: --device-memory-gb must be > 0, got {args.device_memory_gb}", EXIT_BAD_INPUT)
+    memory_gb = (GPU_MEMORY_GB[args.gpu] if args.gpu else args.device_memory_gb) or machine_share_gb(args.nproc)
+    print_plan(cfg, args.nproc, memory_gb, torch.device("cuda" if args.gpu else "cpu"))
+    return 0
 
 
 def _check_run_dir(cfg, config_path: str, world_size: int) -> int:

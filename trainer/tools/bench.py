@@ -24,10 +24,11 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..config import ParallelConfig
 from ..moe.collectives import group_rank
@@ -119,20 +120,34 @@ def matmul_peak_flops(dtype: torch.dtype, device: torch.device, group, extra_sha
     return best
 
 
-def activation_bytes(fn: Callable[[], torch.Tensor], params) -> int:
-    """Bytes of the distinct tensors autograd saves for backward during `fn`, parameters left
-    out: the activation memory."""
+def activation_bytes(fn: Callable[[], torch.Tensor], params, checkpointed: Iterable[nn.Module] = ()) -> int:
+    """Bytes of the distinct tensors autograd saves for backward during `fn`, parameters (and other
+    tensors in `params`, e.g. buffers) left out: the activation memory. The inputs of `checkpointed`
+    modules count too: activation checkpointing keeps them outside autograd's saved tensors."""
     skip = {p.untyped_storage().data_ptr() for p in params}
     storages: dict[int, int] = {}
 
-    def pack(t: torch.Tensor):
+    def keep(t: torch.Tensor) -> None:
         ptr = t.untyped_storage().data_ptr()
         if ptr not in skip:
             storages[ptr] = t.untyped_storage().nbytes()
+
+    def pack(t: torch.Tensor):
+        keep(t)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
+    def held(module, args):
+        for a in args:
+            if isinstance(a, torch.Tensor) and torch.is_grad_enabled():
+                keep(a)
+
+    hooks = [m.register_forward_pre_hook(held) for m in checkpointed]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+    finally:
+        for hook in hooks:
+            hook.remove()
     return sum(storages.values())
 
 

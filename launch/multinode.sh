@@ -4,8 +4,10 @@
 # When: several GPU nodes without a scheduler (or from inside one, as launch/slurm.sbatch does).
 #
 # Usage: NNODES=2 MASTER_ADDR=node0 [NPROC_PER_NODE=8] [MASTER_PORT=29500] [RDZV_ID=moe-trainer] \
-#            launch/multinode.sh CONFIG [key=value ...]
+#            [MAX_RESTARTS=0] launch/multinode.sh CONFIG [key=value ...]
 # NPROC_PER_NODE defaults to the GPU count from nvidia-smi; without GPUs it must be given. See launch/slurm.sbatch.
+# MAX_RESTARTS (torchrun --max-restarts, default 0): when a worker dies, every node's agent restarts its
+# workers up to this many times and the run resumes from its latest checkpoint in run.dir.
 set -euo pipefail
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the comment above, as this script's usage
     sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
@@ -37,6 +39,7 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
 fi
 MASTER_PORT="${MASTER_PORT:-29500}"
 RDZV_ID="${RDZV_ID:-moe-trainer}"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
 
 if [[ -x .venv/bin/torchrun ]]; then torchrun=.venv/bin/torchrun; else torchrun=torchrun; fi
 if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
@@ -44,6 +47,6 @@ if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3;
 # validate the config on this node first: a typo is one line, not torchrun's failure report
 LOCAL_WORLD_SIZE="$NPROC_PER_NODE" "$python" -m trainer check "$@" --nproc $((NNODES * NPROC_PER_NODE)) >/dev/null
 
-exec "$torchrun" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
+exec "$torchrun" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID" \
     -m trainer train "$@"

@@ -97,9 +97,9 @@ def test_the_cli_plans_thousands_of_ranks_in_one_json_line():
 
 @pytest.mark.parametrize("args, named", [
     (["--nproc", "0"], "--nproc must be >= 1"),
-    (["--nproc", "3"], "train.batch_size"),
+    (["--nproc", "3"], "world size 3 is not divisible"),
     (["--nproc", "2", "--device-memory-gb", "-1"], "--device-memory-gb must be > 0"),
-    (["--nproc", "2", "parallel.ep=3"], "parallel.ep"),
+    (["--nproc", "4", "train.batch_size=6"], "train.batch_size"),
 ])
 def test_bad_plan_input_is_one_line(args, named):
     done = run_cli(["plan", "configs/tiny.yaml", *args], timeout=60)

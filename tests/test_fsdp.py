@@ -9,14 +9,19 @@ not, and with activation checkpointing; after the steps every parameter agrees t
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
 from trainer.build import build_trainer
 from trainer.parallel.dist import make_layout
+from trainer.run.tracking import read_metrics
 from trainer.train import train_step
 
+from .cli import run_cli
 from .distributed import run_processes
 from .test_training_invariants import CPU, small_config
 
@@ -89,3 +94,57 @@ def test_fsdp_trains_like_the_native_engine(world_size, ep, variants):
 def test_experts_averaged_over_their_replicas_only_break_parity():
     with pytest.raises(Exception, match="grad norm .* vs"):
         run_processes(_parity_worker, 4, 2, ["plain"], True, timeout_s=300)
+
+
+# ----------------------------------------------------------------------------- checkpoints, through the CLI
+
+TINY = ["configs/tiny.yaml", "train.steps=4", "train.warmup_steps=1", "train.eval_every=0", "train.eval_batches=1",
+        "run.log_every=1", "run.progress=false", "ckpt.every=2", "train.device=cpu", "parallel.timeout_s=120"]
+FSDP = ["train.engine=fsdp", "parallel.ep=1"]  # ep 1 on 2 ranks: the experts sharded over their 2 replicas
+
+
+def _train_cli(run_dir, *overrides):
+    done = run_cli(["train", *TINY, *overrides, f"run.dir={run_dir}"], nproc=2, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done
+
+
+def _losses(run_dir) -> dict[int, tuple[float, float]]:
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in read_metrics(run_dir) if "loss" in r}
+
+
+def _continued_from_step_2(source, target, *overrides):
+    shutil.copytree(source, target)
+    shutil.rmtree(target / "checkpoints" / "step_0000004")
+    for name in ("metrics.jsonl",):  # the continued run appends steps 3 and 4 again
+        records = [r for r in read_metrics(source) if r.get("step", 0) <= 2]
+        (target / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    done = _train_cli(target, *overrides)
+    assert "resuming from" in done.stderr and "step 2" in done.stderr
+    return _losses(target)
+
+
+def _close(got, want, steps, what):
+    for s in steps:
+        assert abs(got[s][0] - want[s][0]) <= 1e-4, f"{what}: step {s} loss {got[s]} vs {want[s]}"
+        assert abs(got[s][1] - want[s][1]) <= 1e-5 * want[s][1] + 1e-7, f"{what}: step {s} grad norm"
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_resume_exactly_and_cross_engines_and_ep_sizes(tmp_path):
+    native, fsdp = tmp_path / "native", tmp_path / "fsdp"
+    _train_cli(native)  # world 2, ep 2
+    done = _train_cli(fsdp, *FSDP)
+    assert "engine fsdp" in done.stderr and '"param_bytes"' in done.stderr
+    want, got = _losses(native), _losses(fsdp)
+    _close(got, want, [1, 2, 3, 4], "fsdp ep 1 vs native ep 2")
+
+    resumed = _continued_from_step_2(fsdp, tmp_path / "fsdp_resumed", *FSDP)
+    assert all(resumed[s] == got[s] for s in (3, 4)), f"fsdp resume is not exact: {resumed} vs {got}"
+    _close(_continued_from_step_2(fsdp, tmp_path / "fsdp_then_native"), want, [3, 4], "fsdp -> native ep 2")
+    _close(_continued_from_step_2(native, tmp_path / "native_then_fsdp", *FSDP), want, [3, 4], "native -> fsdp ep 1")
+
+    evaluated = run_cli(["eval", str(fsdp)], timeout=120)
+    assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["step"] == 4, evaluated.stderr[-2000:]
+    exported = run_cli(["export", str(fsdp), str(tmp_path / "export")], timeout=120)
+    assert exported.returncode == 0, exported.stderr[-2000:]

@@ -135,8 +135,12 @@ def test_init_from_hf_gives_the_hf_loss_at_any_ep_size_and_exports_back(capsys, 
     # route_scale at ep=1: the down projections are divided by it on the way in, so HF's loss holds
     code, _, err = cli(capsys, *args, "moe.route_scale=2.5", f"run.dir={tmp_path / 'ep1'}")
     assert code == 0, err
-    first = [read_metrics(tmp_path / name)[0] for name in ("ep2", "ep1")]
-    assert abs(first[0]["loss"] - first[1]["loss"]) < 1e-5, first
+    # under FSDP the weights go into shards: dense over the world, experts over their replicas (ep 1)
+    sharded = run_cli([*args, "train.engine=fsdp", "parallel.ep=1", f"run.dir={tmp_path / 'fsdp'}"], nproc=2,
+                      timeout=120)
+    assert sharded.returncode == 0, sharded.stderr
+    first = [read_metrics(tmp_path / name)[0] for name in ("ep2", "ep1", "fsdp")]
+    assert abs(first[0]["loss"] - first[1]["loss"]) < 1e-5 and abs(first[2]["loss"] - first[1]["loss"]) < 1e-5, first
     expected = first_batch_lm_loss(hf, corpus)
     with capsys.disabled():
         print(f"first-step lm_loss: ep=2 {first[0]['lm_loss']:.6f}, ep=1 {first[1]['lm_loss']:.6f}, HF {expected:.6f}")

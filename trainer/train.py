@@ -8,6 +8,7 @@ what the model, the engine, evaluation and the schedule are is `build.py`.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from .moe import LoadError
 from .moe.collectives import CollectiveError, all_reduce_sum_
 from .moe.experts import expert_impl_used
 from .parallel.dist import Layout, shutdown
+from .parallel.fsdp import local_tensor
+from .parallel.memory import describe_plan, memory_plan
 from .run.checkpoint import TrainState, save_checkpoint
 from .run.checkpoint_files import Found
 from .run.preemption import StopRequest
@@ -133,8 +136,9 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
     val_batches = TokenBatches(corpus.val, S, t.batch_size, layout.rank, layout.world_size, t.seed, False, "val")
 
     micro = t.batch_size // layout.world_size // t.grad_accum
-    n_params = sum(p.numel() for p in tr.model.parameters())
-    n_expert = sum(p.numel() for p in tr.grad_sync.expert)
+    memory = memory_plan(tr.model, cfg, layout)  # what `python -m trainer plan` predicts for this layout
+    n_params = memory["params"]  # this rank's own (an FSDP shard counts its part)
+    n_expert = sum(local_tensor(p).numel() for p in tr.grad_sync.expert)
     commit = git_commit() if layout.is_main else None
     print0(layout.is_main, f"run: {run_dir} (console in {run_dir / 'train.log'}), code {commit or 'not a git checkout'}, "
                            f"torch {torch.__version__}")
@@ -148,7 +152,9 @@ def _train(cfg: Config, layout: Layout, corpus: Corpus, run_dir: Path, found: Op
     print0(layout.is_main, f"layout: world {layout.world_size}, ep {layout.ep}, {layout.num_replicas} expert "
                            f"replica(s), device {layout.device}, batch {t.batch_size} x {S} tokens "
                            f"({micro} per micro-batch x {t.grad_accum} per rank), engine {tr.engine.name}"
-                           + (f" ZeRO-{t.zero_stage}" if t.engine == "deepspeed" else ""))
+                           + (f" ZeRO-{t.zero_stage}" if t.engine == "deepspeed" else "")
+                           + f", activation checkpointing {t.activation_checkpointing}")
+    print0(layout.is_main, f"plan: {json.dumps(memory)} ({describe_plan(memory)})")
 
     newest_checkpoint = found.step if found else None
 

@@ -44,6 +44,7 @@ from safetensors import safe_open
 
 from ..config import Config
 from ..model import Transformer
+from ..parallel.fsdp import copy_full_
 from ..run.checkpoint_files import CheckpointError, Found
 
 HF_CONFIG = "config.json"
@@ -295,16 +296,16 @@ def init_from_hf(model: Transformer, path: str | Path, cfg: Config) -> str:
             for ours, hf_name in _dense_names(cfg.model.n_layers).items():
                 if hf_name == "lm_head.weight" and hf_name not in tensors.file_of:
                     hf_name = "model.embed_tokens.weight"
-                params[ours].copy_(tensors.get(hf_name))
+                copy_full_(params[ours], tensors.get(hf_name))  # whole or an FSDP shard of it
             for l, block in enumerate(model.blocks):
-                params[f"blocks.{l}.attn.qkv.weight"].copy_(
-                    torch.cat([tensors.get(f"model.layers.{l}.self_attn.{proj}.weight") for proj in QKV]))
+                copy_full_(params[f"blocks.{l}.attn.qkv.weight"],
+                           torch.cat([tensors.get(f"model.layers.{l}.self_attn.{proj}.weight") for proj in QKV]))
                 experts = block.ffn.experts
                 for ours, hf_weight in EXPERT_WEIGHTS:
                     w_L = torch.stack([tensors.get(_expert_name(l, e, hf_weight)) for e in experts.global_expert_ids])
                     if hf_weight == "w2":
                         w_L = w_L / cfg.moe.route_scale  # our combine multiplies it back (to_hf folds it in)
-                    getattr(experts, ours).copy_(w_L)
+                    copy_full_(getattr(experts, ours), w_L)  # the EP rank's experts (sharded over replicas)
     first = model.blocks[0].ffn.experts.global_expert_ids
     return (f"initialised from Hugging Face Mixtral {path} ({cfg.model.n_layers} layers, {cfg.moe.num_experts} "
             f"experts; rank 0 read experts {first.start}-{first.stop - 1} of each layer)")

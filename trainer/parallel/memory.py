@@ -138,3 +138,14 @@ def measured_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         "grad_bytes": sum(nbytes(p.grad) for p in params),
         "optimizer_bytes": sum(nbytes(v) for p in params for v in optimizer.state.get(p, {}).values()),
     }
+
+
+def describe_plan(result: dict) -> str:
+    """The plan's parts in GiB, for people (`python -m trainer plan` and a run's start-up lines)."""
+    gib = {k: v / 2**30 for k, v in result.items() if k.endswith("_bytes")}
+    line = (f"rank 0 holds {result['params']:,} parameters; params {gib['param_bytes']:.2f} + grads "
+            f"{gib['grad_bytes']:.2f} + optimizer {gib['optimizer_bytes']:.2f} + activations "
+            f"{gib['activation_bytes']:.2f} = {gib['total_bytes']:.2f} GiB")
+    if "fits" in result:
+        line += f", {'fits' if result['fits'] else 'does NOT fit'} in {gib['device_memory_bytes']:.1f} GiB"
+    return line + f"; all_to_all {result['all_to_all_bytes_per_step'] / 2**20:,.1f} MiB sent per step"

@@ -25,7 +25,7 @@ from ..moe import MoE
 from ..parallel.activation_checkpointing import apply_activation_checkpointing
 from ..parallel.dist import make_layout
 from ..parallel.fsdp import mixed_precision, shard_model
-from ..parallel.memory import memory_plan
+from ..parallel.memory import describe_plan, memory_plan
 
 GPU_MEMORY_GB = {"h100": 80, "h200": 141, "a100": 80}  # per GPU, the largest of each kind
 
@@ -73,16 +73,9 @@ def plan(cfg: Config, nproc: int, device_memory_gb: float, device: Optional[torc
 
 
 def summary(result: dict, cfg: Config, nproc: int) -> str:
-    """One line for people: the parts in GiB and the verdict."""
-    gib = {k: result[k] / 2**30 for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes",
-                                          "total_bytes", "device_memory_bytes")}
-    verdict = "fits" if result["fits"] else "does NOT fit"
+    """One line for people: the layout, the parts in GiB and the verdict."""
     return (f"plan: {nproc} ranks, ep {cfg.parallel.ep}, engine {cfg.train.engine}, activation checkpointing "
-            f"{cfg.train.activation_checkpointing}: rank 0 holds {result['params']:,} parameters; "
-            f"params {gib['param_bytes']:.2f} + grads {gib['grad_bytes']:.2f} + optimizer "
-            f"{gib['optimizer_bytes']:.2f} + activations {gib['activation_bytes']:.2f} = "
-            f"{gib['total_bytes']:.2f} GiB, {verdict} in {gib['device_memory_bytes']:.1f} GiB; "
-            f"all_to_all {result['all_to_all_bytes_per_step'] / 2**20:,.1f} MiB sent per step")
+            f"{cfg.train.activation_checkpointing}: {describe_plan(result)}")
 
 
 def print_plan(cfg: Config, nproc: int, device_memory_gb: float, device: Optional[torch.device] = None) -> dict:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..config import Config

@@ -99,8 +99,3 @@ def replayed(layer: torch.nn.Module, where: str) -> Optional[RoutingDecision]:
         raise RecomputeError(f"{where}: recomputed without a routing decision from its forward")
     return decisions.popleft()
 
-
-def recording() -> bool:
-    """Whether a checkpointed forward is running (its decisions are being recorded)."""
-    active = _ACTIVE.get()
-    return active is not None and not active[1]

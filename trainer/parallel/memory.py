@@ -39,7 +39,7 @@ def _local_numel(t: torch.Tensor) -> int:
 def _block_activation_bytes(cfg: Config, tokens: int, moe_block: bool, mode: str, act: int) -> int:
     """Bytes one block saves for backward on `tokens` tokens, from the tensors each op keeps."""
     m, moe = cfg.model, cfg.moe
-    T, D, H, S = tokens, m.d_model, m.n_heads, m.seq_len
+    T, D, H = tokens, m.d_model, m.n_heads
     if mode == "full":
         return T * D * act  # the block's input; the rest is recomputed in backward
     # attention: the norm's input, 1/rms and normalised input (before its gain), the qkv input,

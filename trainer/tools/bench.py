@@ -290,7 +290,35 @@ def run_step_case(config: str, overrides: list[str], steps: int, warmup: int, de
         "mfu_spec": round(flops_per_token * tokens_per_s / (spec * world), 4) if spec and t.dtype == "bf16" else None,
         "peak_mem_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
         "params": sum(p.numel() for p in tr.model.parameters()),
+        "engine": t.engine,
+        "activation_checkpointing": t.activation_checkpointing,
+        **_memory_record(tr, cfg, layout, batches),
     }
+    return record
+
+
+def _memory_record(tr, cfg, layout, batches) -> dict:
+    """This rank's parameter + optimizer bytes as held (and as planned), and one micro-batch's saved
+    activations as measured (not under FSDP, whose gathered weights would count) and as planned."""
+    from ..parallel.activation_checkpointing import checkpointed_modules
+    from ..parallel.memory import measured_bytes, memory_plan
+
+    held = measured_bytes(tr.model, tr.engine.optimizer) if hasattr(tr.engine, "optimizer") else None
+    planned = memory_plan(tr.model, cfg, layout)
+    record = {
+        "param_optimizer_mb": round((held["param_bytes"] + held["optimizer_bytes"]) / 2**20, 2) if held else None,
+        "planned_param_optimizer_mb": round((planned["param_bytes"] + planned["optimizer_bytes"]) / 2**20, 2),
+        "activation_mb": None,
+        "planned_activation_mb": round(planned["activation_bytes"] / 2**20, 2),
+    }
+    if cfg.train.engine != "fsdp":
+        inputs, targets = batches.batch(0)
+        micro = inputs.shape[0] // cfg.train.grad_accum
+        inputs, targets = inputs[:micro].to(layout.device), targets[:micro].to(layout.device)
+        skip = list(tr.model.parameters()) + list(tr.model.buffers())
+        saved = activation_bytes(lambda: tr.model(inputs, targets).loss, skip,
+                                 checkpointed_modules(tr.model, cfg.train.activation_checkpointing))
+        record["activation_mb"] = round(saved / 2**20, 2)
     return record
 
 

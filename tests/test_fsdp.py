@@ -10,6 +10,7 @@ not, and with activation checkpointing; after the steps every parameter agrees t
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -148,3 +149,24 @@ def test_fsdp_checkpoints_resume_exactly_and_cross_engines_and_ep_sizes(tmp_path
     assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["step"] == 4, evaluated.stderr[-2000:]
     exported = run_cli(["export", str(fsdp), str(tmp_path / "export")], timeout=120)
     assert exported.returncode == 0, exported.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: FSDP's bf16 mixed-precision policy is CUDA-only")
+def test_fsdp_bf16_with_recompute_trains_on_cuda(tmp_path):
+    done = run_cli(["train", *TINY, "train.engine=fsdp", "train.dtype=bf16", "train.activation_checkpointing=full",
+                    "train.device=cuda", "parallel.backend=nccl", "parallel.ep=1", f"run.dir={tmp_path / 'gpu'}"],
+                   timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [r["loss"] for r in read_metrics(tmp_path / "gpu") if "loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.reshard_after_forward=false", "train.reshard_after_forward: false needs train.engine=fsdp"),
+    ("train.activation_checkpointing=blocks", "train.activation_checkpointing"),
+    ("train.engine=fsdpp", "train.engine"),
+])
+def test_bad_scaling_settings_are_one_line(tmp_path, override, named):
+    done = run_cli(["check", "configs/tiny.yaml", "--nproc", "2", override, f"run.dir={tmp_path / 'run'}"], timeout=60)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and len(errors) == 1 and named in errors[0], done.stderr[-2000:]

@@ -373,6 +373,8 @@ def validate(cfg: Config, world_size: int) -> None:
     _choice(t.dtype, "train.dtype", ("fp32", "bf16"))
     _choice(t.engine, "train.engine", ("native", "deepspeed", "fsdp"))
     _choice(t.activation_checkpointing, "train.activation_checkpointing", ("none", "full", "moe"))
+    _require(t.reshard_after_forward or t.engine == "fsdp", "train.reshard_after_forward",
+             f"false needs train.engine=fsdp (the {t.engine} engine keeps whole weights), got false")
     if t.engine != "deepspeed":  # the DeepSpeed settings and JSON are checked against the machine: preflight
         _require(t.zero_stage == 0, "train.zero_stage", f"needs train.engine=deepspeed, got {t.zero_stage}")
         _require(t.deepspeed_config is None, "train.deepspeed_config", "needs train.engine=deepspeed")

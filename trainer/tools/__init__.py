@@ -6,6 +6,7 @@
 | `stage_timing.py` | per-stage timing of an MoE layer's forward and backward (router, dispatch, experts, combine) |
 | `compare.py` | `python -m trainer compare`: configs trained on the same data and seeds, tabulated |
 | `report.py` | `python -m trainer report`: PNG plots of runs' metrics |
+| `plan.py` | `python -m trainer plan`: a layout's bytes per rank from fake process groups, nothing allocated |
 
 Imports: anything below the CLI (the loop, interop, build, engines, run, parallel and below).
 """

@@ -41,6 +41,12 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 RDZV_ID="${RDZV_ID:-moe-trainer}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 
+# Workers meet in a store of their own each rendezvous round (rank 0's worker hosts it on a fresh port),
+# not in the agents' shared store: after a restart the agents' TORCHELASTIC_RESTART_COUNT can differ
+# (the node with the failure counts it, the others restart for the membership change and do not), so
+# keys named by it would not meet in the shared store and the restarted workers would time out.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+
 if [[ -x .venv/bin/torchrun ]]; then torchrun=.venv/bin/torchrun; else torchrun=torchrun; fi
 if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
 

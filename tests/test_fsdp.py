@@ -61,6 +61,7 @@ VARIANTS = {  # name -> (train overrides, moe overrides)
     "grad_accum_2": ({"grad_accum": 2}, {}),
     "global_batch_scope": ({}, {"aux_loss_scope": "global_batch"}),
     "no_reshard_full_recompute": ({"reshard_after_forward": False, "activation_checkpointing": "full"}, {}),
+    "moe_recompute": ({"activation_checkpointing": "moe"}, {}),
 }
 
 
@@ -84,7 +85,7 @@ def _parity_worker(rank, world_size, ep, variants, plant):
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size,ep,variants", [
     (2, 2, ["plain", "grad_accum_2", "global_batch_scope", "no_reshard_full_recompute"]),
-    (4, 2, ["plain", "grad_accum_2"]),
+    (4, 2, ["plain", "grad_accum_2", "moe_recompute"]),
     (4, 4, ["plain", "global_batch_scope"]),
 ])
 def test_fsdp_trains_like_the_native_engine(world_size, ep, variants):

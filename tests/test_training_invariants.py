@@ -188,9 +188,10 @@ def _token_weighted_worker(rank, world_size):
         assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-5), what
 
         # AdamW's first step moves each element by about lr * sign(grad): an element whose gradient
-        # nearly cancels may move slightly differently (seen: 2e-7). atol = lr / 1000 stays far
-        # below the 2 * lr of a flipped sign, which is what a wrongly weighted token does.
-        tol = dict(rtol=1e-5, atol=lr / 1000)
+        # nearly cancels may move slightly differently (seen: 2e-7, and 1.6e-6 on another CPU with
+        # the same code). atol = lr / 100 stays far below the 2 * lr of a flipped sign, which is
+        # what a wrongly weighted token does.
+        tol = dict(rtol=1e-5, atol=lr / 100)
         ref_params = dict(ref.model.named_parameters())
         for name, p in tr.model.named_parameters():
             if ".experts." not in name:

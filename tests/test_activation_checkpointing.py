@@ -12,10 +12,9 @@ import torch
 from trainer.build import build_trainer
 from trainer.moe import recompute
 from trainer.parallel.dist import make_layout
-from trainer.train import train_step
 
 from .distributed import run_processes
-from .test_training_invariants import CPU, one_process_layout, small_config
+from .test_training_invariants import CPU, one_process_layout, random_steps, small_config
 
 STEPS = 3
 ROUTING = {"capacity_factor": 1.0, "expert_bias_rate": 0.01, "noisy_topk": True, "router_jitter": 0.1,
@@ -42,14 +41,7 @@ def _train(cfg, layout):
     recompute.replayed = counting
     try:
         tr = build_trainer(cfg, layout)
-        gen = torch.Generator().manual_seed(0)
-        per_rank = cfg.train.batch_size // layout.world_size
-        history = []
-        for _ in range(STEPS):
-            tokens = torch.randint(0, 256, (cfg.train.batch_size, cfg.model.seq_len + 1), generator=gen)
-            mine = tokens[layout.rank * per_rank:(layout.rank + 1) * per_rank]
-            result = train_step(tr, mine[:, :-1], mine[:, 1:], 1e-2)
-            history.append((result.losses, result.grad_norm, result.routing))
+        history = [(r.losses, r.grad_norm, r.routing) for r in random_steps(tr, STEPS, 1e-2)]
     finally:
         recompute.replayed = original
     state = {name: t.detach().clone() for name, t in tr.model.state_dict(keep_vars=True).items()}
@@ -67,7 +59,7 @@ def _compare_modes(layout, ep):
     baseline = _train(_config("none", ep), layout)
     assert baseline[2] == 0
     assert baseline[0][0][2][0] > 0, "capacity 1.0 must drop routes here, or the test proves nothing"
-    moe_layers = sum(1 for b in range(2))  # small_config: 2 blocks, every one MoE
+    moe_layers = 2  # small_config: 2 blocks, every one MoE
     for mode in ("full", "moe"):
         got = _train(_config(mode, ep), layout)
         assert got[2] == moe_layers * 2 * STEPS, f"{mode}: {got[2]} recomputes replayed a decision"

@@ -20,11 +20,10 @@ from torch.distributed.tensor import DTensor
 from trainer.build import build_trainer
 from trainer.parallel.dist import make_layout
 from trainer.run.tracking import read_metrics
-from trainer.train import train_step
 
 from .cli import run_cli
 from .distributed import run_processes
-from .test_training_invariants import CPU, small_config
+from .test_training_invariants import CPU, random_steps, small_config
 
 STEPS = 3
 TOLERANCE = 1e-5
@@ -33,14 +32,7 @@ TOLERANCE = 1e-5
 def _steps(cfg, layout, seed: int = 0):
     """Per-step (losses, grad_norm) and the full parameters afterwards, for this rank's rows."""
     tr = build_trainer(cfg, layout)
-    gen = torch.Generator().manual_seed(seed)
-    per_rank = cfg.train.batch_size // layout.world_size
-    history = []
-    for _ in range(STEPS):
-        tokens = torch.randint(0, 256, (cfg.train.batch_size, cfg.model.seq_len + 1), generator=gen)
-        mine = tokens[layout.rank * per_rank:(layout.rank + 1) * per_rank]
-        result = train_step(tr, mine[:, :-1], mine[:, 1:], 3e-3)
-        history.append((result.losses, result.grad_norm))
+    history = [(r.losses, r.grad_norm) for r in random_steps(tr, STEPS, 3e-3, seed)]
     params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
               for n, p in tr.model.named_parameters()}
     return history, params

@@ -55,6 +55,19 @@ def random_tokens(n: int = 4000, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.int64).to(torch.uint8)
 
 
+def random_steps(tr, steps: int, lr: float, seed: int = 0) -> list:
+    """`steps` train_steps on random global batches, this rank taking its rank-major rows; the StepResults."""
+    cfg, layout = tr.cfg, tr.layout
+    gen = torch.Generator().manual_seed(seed)
+    per_rank = cfg.train.batch_size // layout.world_size
+    results = []
+    for _ in range(steps):
+        tokens = torch.randint(0, 256, (cfg.train.batch_size, cfg.model.seq_len + 1), generator=gen)
+        mine = tokens[layout.rank * per_rank:(layout.rank + 1) * per_rank]
+        results.append(train_step(tr, mine[:, :-1], mine[:, 1:], lr))
+    return results
+
+
 def expert_rows(model: Transformer) -> torch.Tensor:
     """[MoE layers * local experts, params of one expert]: each local expert's weights, flattened."""
     rows = []

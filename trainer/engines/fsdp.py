@@ -14,7 +14,6 @@ either engine resumes the other at any world and EP size.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -25,13 +24,16 @@ from ..moe.collectives import all_reduce_sum_
 from ..parallel.dist import Layout, join_world_alone, resolve_backend
 from ..parallel.fsdp import local_tensor, mixed_precision, shard_model
 from ..parallel.grad_sync import GradSync
-from . import adamw, adamw_param_groups, set_lr, zeroed_adamw_state
+from . import adamw, adamw_param_groups
+from .native import NativeEngine
 
 
-class FSDPEngine:
+class FSDPEngine(NativeEngine):
+    """The native engine's update and optimizer state, on FSDP's shards: its own backward and clipping."""
+
     name = "fsdp"
 
-    def __init__(self, cfg: Config, model: nn.Module, layout: Layout):
+    def __init__(self, cfg: Config, model: nn.Module, layout: Layout):  # not NativeEngine's: no GradSync hooks
         self.model, self.layout = model, layout
         self.world_group = layout.world_group or join_world_alone(resolve_backend(cfg.parallel, layout.device))
         self.unsharded_experts = shard_model(model, layout, self.world_group, cfg.train.reshard_after_forward,
@@ -40,9 +42,6 @@ class FSDPEngine:
         self.grad_sync = GradSync(model, layout, overlap=False)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = adamw(adamw_param_groups(model, cfg), cfg)
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor, micro_batches: int, last: bool) -> None:
         (loss / micro_batches).backward()  # FSDP reduce-scatters each unit's gradients as backward leaves it
@@ -65,18 +64,3 @@ class FSDPEngine:
         if max_norm > 0 and grads:
             torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(torch.float32))
         return norm.float()
-
-    def step(self, lr: float, norm: Optional[float], loss_is_finite: bool) -> float:
-        if loss_is_finite and math.isfinite(norm):
-            set_lr(self.optimizer, lr)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def optimizer_state(self, for_loading: bool = False) -> torch.optim.Optimizer:
-        if for_loading:
-            zeroed_adamw_state(self.optimizer.state, self.model.parameters())
-        return self.optimizer  # sharded like the parameters: the checkpoint entries handle both
-
-    def loaded(self, state) -> None:
-        pass  # the shards are the parameters: nothing else holds a copy

@@ -204,7 +204,6 @@ class MoE(nn.Module):
                 self.router.noise_calls += 1
         chosen = None if decision is None else (decision.expert_idx_TK, decision.keep_TK)
         routing = self.router(x_TD, valid_T, seq_len=seq_len, token_offset=offset, chosen=chosen)
-        routing.token_offset = offset
         if decision is None:  # the layer's one reduction: routing counts over every rank the sync averages
             global_counts = all_reduce_sum_(routing.local_counts, self.stats_group, self.where,
                                             "all_reduce of routing statistics")

@@ -80,7 +80,7 @@ class Routing:
     local_counts: torch.Tensor  # int64 [E + 3]: routes per expert before drops, dropped routes, valid tokens, sequences
     entropy_sum: Optional[torch.Tensor] = None  # fp32 scalar, routing-distribution entropy summed over valid local tokens (detached)
     seq_aux_sum: Optional[torch.Tensor] = None  # fp32 scalar, per-sequence aux losses summed over local sequences (sequence scope)
-    token_offset: int = 0  # noise key of the first token (set by the MoE layer)
+    token_offset: int = 0  # noise key of the first token
 
 
 @dataclass
@@ -327,6 +327,7 @@ class Router(nn.Module):
             local_counts=torch.cat([routed_E, dropped.view(1), num_valid.view(1), n_seq.view(1)]).to(torch.int64),
             entropy_sum=(torch.special.entr(probs_TE.detach()).sum(-1) * valid_f_T).sum(),
             seq_aux_sum=seq_aux,
+            token_offset=token_offset,
         )
 
     def _keyed(self, keys_T: torch.Tensor, first: int, width: int) -> torch.Tensor:

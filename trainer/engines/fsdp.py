@@ -23,7 +23,7 @@ from ..config import Config
 from ..moe.collectives import all_reduce_sum_
 from ..parallel.dist import Layout, join_world_alone, resolve_backend
 from ..parallel.fsdp import local_tensor, mixed_precision, shard_model
-from ..parallel.grad_sync import GradSync
+from ..parallel.grad_sync import GradSync, grads_or_zeros
 from . import adamw, adamw_param_groups
 from .native import NativeEngine
 
@@ -46,16 +46,10 @@ class FSDPEngine(NativeEngine):
     def backward(self, loss: torch.Tensor, micro_batches: int, last: bool) -> None:
         (loss / micro_batches).backward()  # FSDP reduce-scatters each unit's gradients as backward leaves it
 
-    def _local_grads(self, params) -> list[torch.Tensor]:
-        for p in params:  # a parameter that took no part in the forward still counts, as zeros
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return [local_tensor(p.grad) for p in params]
-
     def reduce_and_clip(self, max_norm: float) -> Optional[torch.Tensor]:
         if self.unsharded_experts:
-            torch._foreach_mul_(self._local_grads(self.unsharded_experts), 1.0 / self.layout.world_size)
-        grads = self._local_grads(self.params)
+            torch._foreach_mul_(grads_or_zeros(self.unsharded_experts), 1.0 / self.layout.world_size)
+        grads = [local_tensor(g) for g in grads_or_zeros(self.params)]  # this rank's shards
         # every element of every gradient lives in exactly one rank's shard: sum the squares over the world
         sum_sq = torch.stack(torch._foreach_norm(grads)).double().square().sum() if grads else torch.zeros(
             (), dtype=torch.float64, device=self.layout.device)

@@ -43,7 +43,7 @@ def split_dense_expert(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
     return dense, expert
 
 
-def _grads(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
+def grads_or_zeros(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
     # a parameter that took no part in the forward still joins the collective, as zeros
     for p in params:
         if p.grad is None:
@@ -125,7 +125,7 @@ class GradSync:
             self._next += 1
 
     def _launch(self, bucket: _Bucket) -> None:
-        bucket.flat = _flatten_dense_tensors(_grads(bucket.params))
+        bucket.flat = _flatten_dense_tensors(grads_or_zeros(bucket.params))
         with named_collective("gradient sync", f"all_reduce of {bucket.what} gradients"):
             bucket.work = dist.all_reduce(bucket.flat, group=bucket.group, async_op=True)
 
@@ -144,7 +144,7 @@ class GradSync:
                     p.grad.copy_(synced)
                 bucket.flat, bucket.work, bucket.ready = None, None, 0
         if self.layout.expert_dp_group is None and self.expert:  # one replica of each expert: only the mean
-            torch._foreach_mul_(_grads(self.expert), 1.0 / self.layout.world_size)
+            torch._foreach_mul_(grads_or_zeros(self.expert), 1.0 / self.layout.world_size)
         self._next = 0
 
     def global_norm(self) -> torch.Tensor:
@@ -157,14 +157,14 @@ class GradSync:
                 return torch.zeros((), dtype=torch.float64, device=device)
             return torch.stack(torch._foreach_norm(grads)).double().square().sum()
 
-        expert_sq = sum_sq(_grads(self.expert))
+        expert_sq = sum_sq(grads_or_zeros(self.expert))
         all_reduce_sum_(expert_sq, self.layout.ep_group, "gradient clipping", "all_reduce of the expert norm")
-        return (sum_sq(_grads(self.dense)) + expert_sq).sqrt()
+        return (sum_sq(grads_or_zeros(self.dense)) + expert_sq).sqrt()
 
     def clip_(self, max_norm: float) -> torch.Tensor:
         """Scale all gradients so the global norm is at most `max_norm` (0 = measure only)."""
         norm = self.global_norm()
         if max_norm > 0 and (self.dense or self.expert):
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0).to(torch.float32)
-            torch._foreach_mul_(_grads(self.dense + self.expert), coef)
+            torch._foreach_mul_(grads_or_zeros(self.dense + self.expert), coef)
         return norm.float()

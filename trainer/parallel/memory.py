@@ -22,18 +22,14 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ..config import Config
 from ..moe import MoE
 from ..moe.experts import expert_parameters
 from .dist import Layout
+from .fsdp import local_tensor
 
 INDEX_BYTES = 8  # int64 route and row indices
-
-
-def _local_numel(t: torch.Tensor) -> int:
-    return t.to_local().numel() if isinstance(t, DTensor) else t.numel()
 
 
 def _block_activation_bytes(cfg: Config, tokens: int, moe_block: bool, mode: str, act: int) -> int:
@@ -98,7 +94,7 @@ def memory_plan(model: nn.Module, cfg: Config, layout: Layout) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     experts = {id(p) for p in expert_parameters(model)}
     elem = {id(p): p.element_size() for p in params}
-    local = {id(p): _local_numel(p) for p in params}
+    local = {id(p): local_tensor(p).numel() for p in params}
     param_bytes = sum(local[id(p)] * elem[id(p)] for p in params)
     grad_bytes = param_bytes
     moment_bytes = 2 * sum(local[id(p)] * 4 for p in params)  # fp32 exp_avg and exp_avg_sq
@@ -131,7 +127,7 @@ def measured_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
 
     def nbytes(t) -> int:
-        return _local_numel(t) * t.element_size() if t is not None else 0
+        return local_tensor(t).numel() * t.element_size() if t is not None else 0
 
     return {
         "param_bytes": sum(nbytes(p) for p in params),

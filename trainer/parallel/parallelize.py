@@ -18,13 +18,20 @@ from ..moe import MoE
 from .dist import Layout
 
 
-def parallelize(model: nn.Module, layout: Layout, seed: int, debug_splits: bool = False) -> nn.Module:
-    """Shard the experts of every MoE layer over `layout.ep_group`, then materialise on
-    `layout.device` and initialise. Balance statistics are summed over the world group, since
-    every rank is data-parallel. Returns `model`, changed in place."""
+def apply_expert_parallelism(model: nn.Module, layout: Layout, debug_splits: bool = False) -> nn.Module:
+    """Shard the experts of every MoE layer over `layout.ep_group`, nothing materialised (the planner
+    stops here). Balance statistics are summed over the world group, since every rank is
+    data-parallel. Returns `model`, changed in place."""
     for module in model.modules():
         if isinstance(module, MoE):
             module.apply_expert_parallel(layout.ep_group, layout.world_group, debug_splits)
+    return model
+
+
+def parallelize(model: nn.Module, layout: Layout, seed: int, debug_splits: bool = False) -> nn.Module:
+    """`apply_expert_parallelism`, then materialise on `layout.device` and initialise. Returns
+    `model`, changed in place."""
+    apply_expert_parallelism(model, layout, debug_splits)
     model.to_empty(device=layout.device)
     with torch.no_grad():
         model.init_weights(seed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -21,11 +22,11 @@ import torch.distributed as dist
 
 from ..build import full_model_on_meta
 from ..config import Config
-from ..moe import MoE
 from ..parallel.activation_checkpointing import apply_activation_checkpointing
 from ..parallel.dist import make_layout
 from ..parallel.fsdp import mixed_precision, shard_model
 from ..parallel.memory import describe_plan, memory_plan
+from ..parallel.parallelize import apply_expert_parallelism
 
 GPU_MEMORY_GB = {"h100": 80, "h200": 141, "a100": 80}  # per GPU, the largest of each kind
 
@@ -58,10 +59,7 @@ def plan(cfg: Config, nproc: int, device_memory_gb: float, device: Optional[torc
     device = device or torch.device("cpu")
     with fake_world(nproc):
         layout = make_layout(cfg.parallel, torch.device("cpu"))  # the model stays on meta: FSDP shards it there
-        model = full_model_on_meta(cfg)
-        for module in model.modules():  # what `parallelize` does, without materialising
-            if isinstance(module, MoE):
-                module.apply_expert_parallel(layout.ep_group, layout.world_group)
+        model = apply_expert_parallelism(full_model_on_meta(cfg), layout)
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
         if cfg.train.engine == "fsdp":
             shard_model(model, layout, layout.world_group or dist.group.WORLD, cfg.train.reshard_after_forward,
@@ -79,8 +77,6 @@ def summary(result: dict, cfg: Config, nproc: int) -> str:
 
 
 def print_plan(cfg: Config, nproc: int, device_memory_gb: float, device: Optional[torch.device] = None) -> dict:
-    import sys
-
     result = plan(cfg, nproc, device_memory_gb, device)
     print(json.dumps(result))
     print(summary(result, cfg, nproc), file=sys.stderr)

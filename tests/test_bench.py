@@ -42,6 +42,32 @@ def test_bench_layer_and_step_cases_under_torchrun(tmp_path):
     assert proc.stderr.count("bf16 matrix instructions") == 1
 
 
+@pytest.mark.slow
+def test_bench_times_several_configs_alternately_with_ratio_and_profile():
+    """Two configs in one run, one with its own overrides: the ratio is to the first, the rounds
+    alternate, and the profile charges the MoE's work to MoE parts and the dense FFN's to dense_ffn."""
+    shared = ["model.n_layers=2", "train.batch_size=4", "model.seq_len=64"]
+    proc = run_cli(["bench", "--config", "configs/quality/dense.yaml", "--config",
+                    "configs/tiny.yaml moe.num_experts=4 parallel.ep=2", "--steps", "2", "--warmup", "1",
+                    "--rounds", "2", "--profile", *shared], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dense, moe = records(proc.stdout)
+    assert dense["case"] == "step:configs/quality/dense.yaml " + " ".join(shared)
+    assert moe["case"] == "step:configs/tiny.yaml " + " ".join([*shared, "moe.num_experts=4", "parallel.ep=2"])
+    assert dense["ratio"] == 1.0
+    assert moe["ratio"] == pytest.approx(moe["tokens_per_s"] / dense["tokens_per_s"], rel=1e-3)
+    for r in (dense, moe):
+        assert len(r["rounds_tokens_per_s"]) == 2 and r["ranks"] == 2 and r["compile"] is False
+        parts = r["profile_ms"]
+        assert all(v >= 0 for v in parts.values()) and parts["attention"] > 0 and parts["optimizer"] > 0
+    assert dense["profile_ms"]["dense_ffn"] > 0
+    assert all(dense["profile_ms"][p] == 0 for p in ("router", "dispatch", "all_to_all", "experts", "combine"))
+    assert moe["profile_ms"]["dense_ffn"] == 0
+    assert all(moe["profile_ms"][p] > 0 for p in ("router", "dispatch", "all_to_all", "experts", "combine"))
+    # a backward op is charged to its forward's part: the experts' backward is most of their time
+    assert moe["profile_ms"]["experts"] > moe["profile_ms"]["model_other"]
+
+
 def test_bench_refuses_overrides_without_a_config():
     proc = run_cli(["bench", "--preset", "quick", "moe.num_experts=4"])
     assert proc.returncode == 2

@@ -8,6 +8,9 @@ dispatch = plan (sort routes by expert, exchange counts, one device-to-host copy
            -> permute (gather the rows of kept routes) -> exchange (uneven all_to_all)
            -> regroup (rank-major to local-expert-major)
 combine  = unregroup -> exchange_back -> unpermute (weighted scatter-add into [T, D]).
+Received rows arrive in (source rank, local expert) blocks. Experts that take row blocks (the
+expert loop) work on those blocks where they lie: a plan made with `expert_major=False` has no
+regroup, saving two passes over the rows each way; grouped GEMM needs one block per expert.
 Each stage is a public method, so a benchmark can time them one by one (`trainer.tools.bench`).
 
 Receive splits always come from the all_to_all of counts, never from a guess. With
@@ -38,6 +41,7 @@ class DispatchPlan:
     recv_splits: list[int]  # rows received from each rank of the EP group
     tokens_per_local_expert: list[int]
     expert_major_idx_X: Optional[torch.Tensor]  # rank-major received row of each expert-major row
+    row_blocks: list[tuple[int, int, int]]  # (local expert, first row, end row) of the rows the experts get
 
 
 def regroup_index(counts_PL: torch.Tensor) -> torch.Tensor:
@@ -83,10 +87,11 @@ class Dispatcher:
         return self.regroup(self.exchange(self.permute(x_TD, plan), plan), plan)
 
     def plan(self, routing: Routing, global_routed_E: Optional[torch.Tensor] = None,
-             phase: str = "training") -> DispatchPlan:
+             phase: str = "training", expert_major: bool = True) -> DispatchPlan:
         """Sort routes by expert, exchange counts, and bring every count the host needs over in
         ONE device-to-host copy (the layer's only one); dropped routes are sorted out, not filtered
-        with `nonzero`."""
+        with `nonzero`. `expert_major=False`: the experts take the received (source rank, local
+        expert) blocks as they are, nothing is regrouped."""
         P, L, E = self.ep_size, self.num_local_experts, self.num_experts
         K = routing.expert_idx_TK.shape[1]
         bucket_N = torch.where(routing.keep_TK, routing.expert_idx_TK, E).reshape(-1)  # dropped/padding: last
@@ -108,8 +113,15 @@ class Dispatcher:
             self._check_load(host[2 * P * L:].view(P, L).sum(1), phase)
         route_idx_R = order_N[:int(send_PL.sum())]  # a host count: slicing needs no sync
         expert_major_idx_X = None
-        if P > 1 and L > 1:
+        if P > 1 and L > 1 and expert_major:
             expert_major_idx_X = regroup_index(recv_PL).to(bucket_N.device, non_blocking=True)
+        block_counts = recv_PL.t() if expert_major else recv_PL  # the order rows lie in: [L, P] or [P, L]
+        row_blocks, start = [], 0
+        for i, n in enumerate(block_counts.reshape(-1).tolist()):
+            if n:
+                expert = i // P if expert_major else i % L
+                row_blocks.append((expert, start, start + n))
+            start += n
         return DispatchPlan(
             num_tokens=routing.expert_idx_TK.shape[0],
             route_idx_R=route_idx_R,
@@ -119,6 +131,7 @@ class Dispatcher:
             recv_splits=recv_PL.sum(1).tolist(),
             tokens_per_local_expert=recv_PL.sum(0).tolist(),
             expert_major_idx_X=expert_major_idx_X,
+            row_blocks=row_blocks,
         )
 
     def permute(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -176,9 +189,9 @@ class Dispatcher:
     def unregroup(self, y_XD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         if plan.expert_major_idx_X is None:
             return y_XD
-        # row i of y_XD came from received row expert_major_idx_X[i]: put it back there
-        # (index_copy's backward is an index_select: no inverse permutation is built)
-        return torch.empty_like(y_XD).index_copy(0, plan.expert_major_idx_X, y_XD)
+        # row i of y_XD came from received row expert_major_idx_X[i]: put it back there (in place
+        # into a new buffer, not a copy of one; the backward is an index_select, no inverse is built)
+        return torch.empty_like(y_XD).index_copy_(0, plan.expert_major_idx_X, y_XD)
 
     def exchange_back(self, y_recv: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         if self.ep_size == 1:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..seeding import derived_seed
-from .expert_loop import ExpertLoopSwiGLU
+from .expert_loop import ExpertLoopSwiGLU, row_blocks_of
 
 EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
 GROUPED_MM_ALIGN_BYTES = 16  # torch's grouped GEMM wants 16-byte aligned rows
@@ -96,7 +96,20 @@ class Experts(nn.Module):
                     w.copy_(getattr(self, name)[rows])
         return part
 
-    def forward(self, x_XD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+    def impl_used(self, device: torch.device, dtype: torch.dtype) -> str:
+        """"loop" or "grouped_mm": what runs on rows of this device and dtype (autocast's, if on)."""
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        return expert_impl_used(self.impl, device, dtype, self.w1_LFD.shape[2], self.w1_LFD.shape[1])
+
+    def takes_row_blocks(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether rows may come in several blocks per expert (the loop), not one per expert."""
+        return self.impl_used(device, dtype) == "loop"
+
+    def forward(self, x_XD: torch.Tensor, tokens_per_expert: list[int],
+                row_blocks: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
+        """Rows grouped by expert (`tokens_per_expert[l]` rows each), or, for experts that
+        `takes_row_blocks`, in any `row_blocks` (local expert, first row, end row) covering them."""
         D, F_ = x_XD.shape[1], self.w1_LFD.shape[1]
         if torch.is_autocast_enabled(x_XD.device.type):  # experts run in the autocast dtype
             x_XD = x_XD.to(torch.get_autocast_dtype(x_XD.device.type))
@@ -105,11 +118,11 @@ class Experts(nn.Module):
             if problem:
                 raise RuntimeError(f"moe.expert_impl=grouped_mm: {problem}")
         if expert_impl_used(self.impl, x_XD.device, x_XD.dtype, D, F_) == "grouped_mm":
+            if row_blocks is not None and row_blocks != row_blocks_of(tokens_per_expert):
+                raise ValueError("grouped_mm experts need their rows grouped by expert, one block each")
             return self._forward_grouped(x_XD, tokens_per_expert)
-        return self._forward_loop(x_XD, tokens_per_expert)
-
-    def _forward_loop(self, x_XD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        return ExpertLoopSwiGLU.apply(x_XD, self.w1_LFD, self.w3_LFD, self.w2_LDF, tokens_per_expert)
+        blocks = row_blocks if row_blocks is not None else row_blocks_of(tokens_per_expert)
+        return ExpertLoopSwiGLU.apply(x_XD, self.w1_LFD, self.w3_LFD, self.w2_LDF, blocks)
 
     def _forward_grouped(self, x_XD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         # the counts are on the host already: build the offsets there, one host-to-device copy

@@ -169,12 +169,12 @@ class MoE(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # send half-width rows, experts run in it anyway
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         if decision is None:
-            plan = self.dispatcher.plan(routing, *self.dispatch_limits(counts))
+            plan = self.plan_dispatch(routing, counts, x_TD)
             recompute.record(self, recompute.RoutingDecision(
                 routing.expert_idx_TK, routing.keep_TK, counts.all, routing.token_offset, plan))
         else:
             plan = decision.plan_with_weights(routing.weight_TK)
-        y_XD = self.experts(self.dispatcher.send(x_TD, plan), plan.tokens_per_local_expert)
+        y_XD = self.experts(self.dispatcher.send(x_TD, plan), plan.tokens_per_local_expert, plan.row_blocks)
         out_TD = self.dispatcher.combine(y_XD, plan)
         if self.shared_experts is not None:  # every valid token, no routing; padding still gets zero
             shared_TD = self.shared_experts(x_TD).float()
@@ -216,6 +216,12 @@ class MoE(nn.Module):
         if decision is None and self.router.counts_steps and self.training and torch.is_grad_enabled():
             self.router.count_step(counts.routed_E)
         return routing, counts, aux_loss, z_loss
+
+    def plan_dispatch(self, routing: Routing, counts: RoutingCounts, x_TD: torch.Tensor):
+        """The dispatcher's plan for these routes: rows left in the blocks the all_to_all delivers
+        when the experts take row blocks (no regroup), else grouped by expert."""
+        expert_major = not self.experts.takes_row_blocks(x_TD.device, x_TD.dtype)
+        return self.dispatcher.plan(routing, *self.dispatch_limits(counts), expert_major=expert_major)
 
     def dispatch_limits(self, counts: RoutingCounts) -> tuple[Optional[torch.Tensor], str]:
         """The dispatcher's (global routes per expert, phase): the loads a dropless layer checks

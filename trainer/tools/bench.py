@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -242,14 +243,43 @@ def run_layer_case(case: LayerCase, device: torch.device, group, iters: int, rou
 
 # ---------------------------------------------------------------------------- step cases
 
-def run_step_case(config: str, overrides: list[str], steps: int, warmup: int, device: torch.device, group) -> dict:
-    """Whole training steps of a config (no run.dir is touched)."""
-    from ..build import build_trainer, lr_at, spec_peak_bf16_flops
+@dataclass
+class StepCase:
+    """One config's trainer and batches, ready to time training steps."""
+
+    name: str
+    cfg: object
+    layout: object
+    tr: object
+    batches: object
+    next_step: int = 0
+
+    def step(self) -> None:
+        from ..build import lr_at
+        from ..train import train_step
+
+        inputs, targets = self.batches.batch(self.next_step)
+        train_step(self.tr, inputs, targets, lr_at(self.next_step, self.cfg))
+        self.next_step += 1
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.model.seq_len
+
+
+def config_argument(value: str, shared_overrides: list[str]) -> tuple[str, list[str]]:
+    """`--config "PATH key=value ..."`: the path, then its own overrides after the shared ones."""
+    path, *own = shlex.split(value)
+    return path, [*shared_overrides, *own]
+
+
+def build_step_case(config: str, overrides: list[str], device: torch.device, group) -> StepCase:
+    """A config's trainer as `train` builds it (no run.dir is touched)."""
+    from ..build import build_trainer
     from ..config import load_config, validate
     from ..data import TokenBatches, check_corpus, load_corpus
     from ..parallel.dist import make_layout
     from ..run.preflight import preflight
-    from ..train import train_step
 
     world = 1 if group is None else dist.get_world_size(group)
     cfg = load_config(config, [*overrides, f"train.device={device.type}",
@@ -262,27 +292,58 @@ def run_step_case(config: str, overrides: list[str], steps: int, warmup: int, de
     tr = build_trainer(cfg, layout)
     t = cfg.train
     batches = TokenBatches(corpus.train, cfg.model.seq_len, t.batch_size, layout.rank, world, t.seed, True, "train")
-    def one(step: int) -> None:
-        inputs, targets = batches.batch(step)
-        train_step(tr, inputs, targets, lr_at(step, cfg))
+    name = f"step:{config}" + (f" {' '.join(overrides)}" if overrides else "")
+    return StepCase(name, cfg, layout, tr, batches)
 
-    for step in range(warmup):
-        one(step)
+
+def run_step_cases(configs: list[tuple[str, list[str]]], steps: int, warmup: int, rounds: int, profile: bool,
+                   device: torch.device, group) -> list[dict]:
+    """Whole training steps of each config, timed in alternating rounds (so drift in the machine's
+    speed hits every config alike); `ratio` is each config's tokens/s over the first one's."""
+    cases = [build_step_case(path, overrides, device, group) for path, overrides in configs]
+    for case in cases:
+        for _ in range(warmup):
+            case.step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    counter = iter(range(warmup, warmup + steps))
-    seconds = timed(lambda: one(next(counter)), steps, device, group)
-    tokens_per_s = t.batch_size * cfg.model.seq_len / seconds
+    seconds: list[list[float]] = [[] for _ in cases]
+    for _ in range(rounds):
+        for case, times in zip(cases, seconds):
+            times.append(timed(case.step, steps, device, group))
+    peaks = {dtype: matmul_peak_flops(DTYPES[dtype], device, group) for dtype in sorted({c.cfg.train.dtype for c in cases})}
+    records = [step_record(case, statistics.median(times), times, peaks, device, group)
+               for case, times in zip(cases, seconds)]
+    for record in records:
+        record["ratio"] = round(record["tokens_per_s"] / records[0]["tokens_per_s"], 4)
+    if profile:
+        from .stage_timing import synchronize
+        from .step_profile import profile_steps
+
+        for case, record in zip(cases, records):
+            def profiled_step(case=case) -> None:
+                case.step()
+                synchronize(device)
+            split = profile_steps(profiled_step, steps, case.tr.model, case.tr.engine)
+            record["profile_ms"] = dict(zip(split, mean_over_ranks(list(split.values()), group, device)))
+            record["profile_ms"] = {k: round(v, 2) for k, v in record["profile_ms"].items()}
+    return records
+
+
+def step_record(case: StepCase, seconds: float, rounds_s: list[float], peaks: dict, device, group) -> dict:
+    from ..build import spec_peak_bf16_flops
+
+    cfg, tr, t = case.cfg, case.tr, case.cfg.train
+    world = 1 if group is None else dist.get_world_size(group)
+    tokens_per_s = case.tokens_per_step / seconds
     flops_per_token = tr.model.flops_per_token()
-    dtype = DTYPES[t.dtype]
-    peak = matmul_peak_flops(dtype, device, group)
-    spec = spec_peak_bf16_flops(device)
-    record = {
-        "case": f"step:{config}" + (f" {' '.join(overrides)}" if overrides else ""),
+    peak, spec = peaks[t.dtype], spec_peak_bf16_flops(device)
+    return {
+        "case": case.name,
         "dtype": t.dtype,
         "ranks": world,
         "ep": cfg.parallel.ep,
         "tokens_per_s": round(tokens_per_s, 1),
+        "rounds_tokens_per_s": [round(case.tokens_per_step / s, 1) for s in rounds_s],
         "step_ms": round(1e3 * seconds, 2),
         "flops_per_token": flops_per_token,
         "matmul_peak_tflops": round(peak / 1e12, 4),
@@ -292,9 +353,9 @@ def run_step_case(config: str, overrides: list[str], steps: int, warmup: int, de
         "params": sum(p.numel() for p in tr.model.parameters()),
         "engine": t.engine,
         "activation_checkpointing": t.activation_checkpointing,
-        **_memory_record(tr, cfg, layout, batches),
+        "compile": t.compile,
+        **_memory_record(tr, cfg, case.layout, case.batches),
     }
-    return record
 
 
 def _memory_record(tr, cfg, layout, batches) -> dict:
@@ -334,8 +395,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impl", choices=("auto", "loop", "grouped_mm"), default="auto",
                         help="expert implementation (moe.expert_impl; default auto)")
     parser.add_argument("--iters", type=int, default=5, help="timed iterations per round (default 5)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating MoE/dense rounds; median (default 3)")
-    parser.add_argument("--config", default=None, help="time whole training steps of this config")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds (MoE/dense layer, or the --config steps); median (default 3)")
+    parser.add_argument("--config", action="append", default=None, metavar="CONFIG",
+                        help="time whole training steps of this config; repeat it to compare configs, timed in "
+                             "alternating rounds with the ratio to the first; \"CONFIG key=value ...\" gives "
+                             "one config its own overrides (after the shared ones)")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --config: also profile the steps and report where the time goes (profile_ms)")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps first (default 3)")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
@@ -375,7 +442,9 @@ def run(args, overrides: list[str]) -> int:
             for case in cases:
                 emit(run_layer_case(case, device, group, args.iters, args.rounds, args.impl, peaks))
         if args.config:
-            emit(run_step_case(args.config, overrides, args.steps, args.warmup, device, group))
+            configs = [config_argument(value, overrides) for value in args.config]
+            for record in run_step_cases(configs, args.steps, args.warmup, args.rounds, args.profile, device, group):
+                emit(record)
         finished = True
     finally:
         if out:

@@ -96,12 +96,12 @@ def staged_forward_backward(layer: MoE, x_TD: torch.Tensor, grad_out_TD: torch.T
     routing = replace(routing, weight_TK=weight_TK.detach())  # combine takes the weights from the tape
     # the layer sends half-width rows under autocast; the cast is part of the permute stage
     half = x_TD if autocast_dtype is None else tape.run("permute", lambda x: x.to(autocast_dtype), x_TD)
-    plan = tape.run("permute", lambda: dispatcher.plan(routing, *layer.dispatch_limits(counts)))
+    plan = tape.run("permute", lambda: layer.plan_dispatch(routing, counts, half))
     x_RD = tape.run("permute", lambda x: dispatcher.permute(x, plan), half)
     x_recv = tape.run("all_to_all", lambda x: dispatcher.exchange(x, plan), x_RD)
     x_XD = tape.run("permute", lambda x: dispatcher.regroup(x, plan), x_recv)
     with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        y_XD = tape.run("experts", lambda x: layer.experts(x, plan.tokens_per_local_expert), x_XD)
+        y_XD = tape.run("experts", lambda x: layer.experts(x, plan.tokens_per_local_expert, plan.row_blocks), x_XD)
     y_recv = tape.run("permute", lambda y: dispatcher.unregroup(y, plan), y_XD)
     y_RD = tape.run("all_to_all", lambda y: dispatcher.exchange_back(y, plan), y_recv)
 

@@ -57,7 +57,8 @@ def _parity_worker(rank, world_size, ep):
         (1, None, False, False, False, {}), (2, None, False, False, False, {}), (2, 100.0, False, False, False, {}),
         (1, None, True, False, False, {}), (2, None, False, True, False, {}), (2, 100.0, False, True, False, {}),
         (2, None, False, False, True, {}), (3, None, False, True, False, sigmoid),
-        (2, None, False, True, False, {"num_shared_experts": 2}),
+        (2, None, False, True, False, {"num_shared_experts": 2}),  # computed while the all_to_all is in flight
+        (2, None, False, True, False, {"num_shared_experts": 2, "overlap_shared_experts": False}),
         (3, None, False, True, False, {"n_groups": 4, "topk_groups": 2, "expert_bias": True}),
         (2, None, False, False, False, {"router_jitter": 0.2, "noisy_topk": True}),
     ]

@@ -22,6 +22,7 @@ from .engines import Engine, build_engine
 from .model import Transformer
 from .moe.collectives import all_reduce_sum_
 from .parallel.activation_checkpointing import apply_activation_checkpointing
+from .parallel.compile import apply_compile
 from .parallel.dist import Layout
 from .parallel.grad_sync import GradSync, split_dense_expert
 from .parallel.parallelize import parallelize
@@ -80,9 +81,11 @@ class Trainer:
 
 
 def build_trainer(cfg: Config, layout: Layout) -> Trainer:
-    """The model (with `train.activation_checkpointing` applied, before an engine wraps or shards
-    it) and its engine."""
+    """The model (with `train.activation_checkpointing` and `train.compile` applied, before an
+    engine wraps or shards it) and its engine."""
     model = apply_activation_checkpointing(build_model(cfg, layout), cfg.train.activation_checkpointing)
+    if cfg.train.compile:  # inside checkpointed regions (their hooks stay eager), before FSDP's units
+        apply_compile(model)
     # before an engine shards anything: replicas are whole tensors here, under every engine
     check_replicas_identical(model, split_dense_expert(model)[1], layout.world_group, layout.expert_dp_group)
     engine = build_engine(cfg, model, layout)

@@ -44,6 +44,7 @@ class MoEConfig:
     top_k: int = 2  # experts per token; k=1 keeps the raw router score (Switch), k>1 renormalises over the k
     d_ff: int = 256  # hidden size of each expert, independent of model.d_model (fine-grained experts: many small ones)
     num_shared_experts: int = 0  # always-on SwiGLU experts of size d_ff beside the routed ones (dense, replicated)
+    overlap_shared_experts: bool = True  # compute the shared experts while the tokens' all_to_all is in flight (the same numbers)
     n_groups: int = 1  # > 1: group-limited routing over this many contiguous expert groups (e.g. = parallel.ep)
     topk_groups: int = 1  # with n_groups > 1: each token's experts come from its topk_groups best groups
     capacity_factor: Optional[float] = None  # null = dropless

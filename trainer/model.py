@@ -106,7 +106,8 @@ class Transformer(nn.Module):
                           min_capacity=moe_cfg.min_capacity, max_recv_factor=moe_cfg.max_recv_factor,
                           num_shared_experts=moe_cfg.num_shared_experts, n_groups=moe_cfg.n_groups,
                           topk_groups=moe_cfg.topk_groups, aux_loss_scope=moe_cfg.aux_loss_scope,
-                          router_jitter=moe_cfg.router_jitter, noisy_topk=moe_cfg.noisy_topk)
+                          router_jitter=moe_cfg.router_jitter, noisy_topk=moe_cfg.noisy_topk,
+                          overlap_shared_experts=moe_cfg.overlap_shared_experts)
             else:
                 ffn = DenseFFN(cfg.d_model, cfg.dense_d_ff or moe_cfg.d_ff)
             blocks.append(Block(cfg, ffn))

@@ -88,3 +88,68 @@ def all_to_all_rows(
 ) -> torch.Tensor:
     """Send `send_splits[r]` consecutive rows to rank r of `group`; receive `recv_splits[r]` from it."""
     return _AllToAllRows.apply(x_ND, send_splits, recv_splits, group, where)
+
+
+class RowsInFlight:
+    """An uneven all_to_all of rows started by `start_all_to_all_rows`; `wait_all_to_all_rows` ends it.
+
+    The same pair serves the backward in reverse: the wait's backward starts the gradients' exchange
+    and the start's backward waits for it, so whatever autograd runs between the two (the work the
+    forward overlapped) overlaps the backward exchange too."""
+
+    def __init__(self, send_splits: list[int], recv_splits: list[int], group: ProcessGroup, where: str):
+        self.send_splits, self.recv_splits, self.group, self.where = send_splits, recv_splits, group, where
+        self.work = None
+        self.keep: Optional[torch.Tensor] = None  # the contiguous input, alive until the exchange ends
+        self.rows: Optional[torch.Tensor] = None  # the receive buffer (not valid before the wait)
+
+    def start(self, x_ND: torch.Tensor, send_splits: list[int], recv_splits: list[int], what: str) -> torch.Tensor:
+        self.keep = x_ND.contiguous()
+        self.rows = x_ND.new_empty((sum(recv_splits), *x_ND.shape[1:]))
+        with named_collective(self.where, what):
+            self.work = dist.all_to_all_single(self.rows, self.keep, recv_splits, send_splits, group=self.group,
+                                               async_op=True)
+        return self.rows
+
+    def wait(self, what: str) -> torch.Tensor:
+        with named_collective(self.where, what):
+            self.work.wait()
+        rows, self.work, self.keep, self.rows = self.rows, None, None, None
+        return rows
+
+
+class _StartAllToAllRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, flight):
+        ctx.flight = flight
+        return flight.start(x_ND, flight.send_splits, flight.recv_splits, "all_to_all of tokens")
+
+    @staticmethod
+    def backward(ctx, grad_sent):  # the gradient the wait's backward is sending back: done once received
+        return ctx.flight.wait("all_to_all of token gradients"), None
+
+
+class _WaitAllToAllRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows_pending, flight):
+        ctx.flight = flight
+        return flight.wait("all_to_all of tokens").view_as(rows_pending)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        f = ctx.flight
+        f.start(grad_out, f.recv_splits, f.send_splits, "all_to_all of token gradients")
+        # the start's backward receives this and waits for the exchange; it carries no values itself
+        return grad_out, None
+
+
+def start_all_to_all_rows(x_ND: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: ProcessGroup,
+                          where: str) -> tuple[torch.Tensor, RowsInFlight]:
+    """`all_to_all_rows`, started: returns (a receive buffer to hand only to `wait_all_to_all_rows`, the exchange)."""
+    flight = RowsInFlight(send_splits, recv_splits, group, where)
+    return _StartAllToAllRows.apply(x_ND, flight), flight
+
+
+def wait_all_to_all_rows(rows_pending: torch.Tensor, flight: RowsInFlight) -> torch.Tensor:
+    """The received rows of a started exchange (differentiable, like `all_to_all_rows`)."""
+    return _WaitAllToAllRows.apply(rows_pending, flight)

@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 from torch.distributed import ProcessGroup
 
-from .collectives import CollectiveError, all_gather_tensor, all_to_all_counts, all_to_all_rows, group_rank, group_size
+from .collectives import (CollectiveError, all_gather_tensor, all_to_all_counts, all_to_all_rows, group_rank,
+                          group_size, start_all_to_all_rows, wait_all_to_all_rows)
 from .router import Routing, count_per_bucket
 
 
@@ -85,6 +86,18 @@ class Dispatcher:
     def send(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """The rows of `plan` for this rank's experts, grouped by local expert: permute -> exchange -> regroup."""
         return self.regroup(self.exchange(self.permute(x_TD, plan), plan), plan)
+
+    def start_send(self, x_TD: torch.Tensor, plan: DispatchPlan):
+        """`send`, split at the exchange: permute and start the all_to_all; work done before
+        `finish_send` overlaps the exchange (and, in backward, the gradients' exchange)."""
+        x_RD = self.permute(x_TD, plan)
+        if self.ep_size == 1:
+            return x_RD, None
+        return start_all_to_all_rows(x_RD, plan.send_splits, plan.recv_splits, self.ep_group, self.where)
+
+    def finish_send(self, started, plan: DispatchPlan) -> torch.Tensor:
+        rows, flight = started
+        return self.regroup(rows if flight is None else wait_all_to_all_rows(rows, flight), plan)
 
     def plan(self, routing: Routing, global_routed_E: Optional[torch.Tensor] = None,
              phase: str = "training", expert_major: bool = True) -> DispatchPlan:

@@ -69,7 +69,8 @@ class MoE(nn.Module):
             call `router.finish_step(applied, bias_rate)` once per optimizer step), eval_capacity_factor (capacity in eval mode; None =
             dropless), min_capacity, max_recv_factor (dropless: fail, naming the layer and EP rank,
             when a rank's experts would receive more than this many times the balanced load),
-            num_shared_experts (always-on SwiGLU experts beside the routed ones, dense), n_groups and
+            num_shared_experts (always-on SwiGLU experts beside the routed ones, dense; with
+            overlap_shared_experts they are computed while the tokens' all_to_all is in flight), n_groups and
             topk_groups (group-limited routing: each token's experts come from its topk_groups best
             of n_groups contiguous expert groups), expert_impl ("auto" | "loop" | "grouped_mm"), debug_splits:
             see the router, experts and dispatcher.
@@ -105,6 +106,7 @@ class MoE(nn.Module):
         aux_loss_scope: str = "micro_batch",
         router_jitter: float = 0.0,
         noisy_topk: bool = False,
+        overlap_shared_experts: bool = True,
     ):
         super().__init__()
         self.layer_id = layer_id
@@ -117,6 +119,7 @@ class MoE(nn.Module):
         self.experts = Experts(num_experts, d_model, d_ff, 0, expert_impl)
         self.shared_experts = SharedExperts(num_shared_experts, d_model, d_ff) if num_shared_experts > 0 else None
         self.max_recv_factor = max_recv_factor
+        self.overlap_shared_experts = overlap_shared_experts
         self.dispatcher = Dispatcher(num_experts, None, self.where, debug_splits)
         self.stats_group: Optional[ProcessGroup] = None
         if ep_group is not None or stats_group is not None:
@@ -174,10 +177,17 @@ class MoE(nn.Module):
                 routing.expert_idx_TK, routing.keep_TK, counts.all, routing.token_offset, plan))
         else:
             plan = decision.plan_with_weights(routing.weight_TK)
-        y_XD = self.experts(self.dispatcher.send(x_TD, plan), plan.tokens_per_local_expert, plan.row_blocks)
+        shared_TD = None
+        if self.shared_experts is not None and self.overlap_shared_experts:
+            started = self.dispatcher.start_send(x_TD, plan)
+            shared_TD = self.shared_experts(x_TD)  # while the rows travel (and, in backward, their gradients)
+            x_XD = self.dispatcher.finish_send(started, plan)
+        else:
+            x_XD = self.dispatcher.send(x_TD, plan)
+        y_XD = self.experts(x_XD, plan.tokens_per_local_expert, plan.row_blocks)
         out_TD = self.dispatcher.combine(y_XD, plan)
         if self.shared_experts is not None:  # every valid token, no routing; padding still gets zero
-            shared_TD = self.shared_experts(x_TD).float()
+            shared_TD = (self.shared_experts(x_TD) if shared_TD is None else shared_TD).float()
             out_TD = out_TD + (shared_TD if valid_T is None else shared_TD * valid_T[:, None])
         return MoEOutput(
             out=out_TD.to(x.dtype).view(shape),

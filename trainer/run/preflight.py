@@ -22,6 +22,7 @@ import torch
 from ..config import Config, ConfigError
 from ..data import dataset_script_problem
 from ..moe.experts import grouped_mm_problem
+from ..parallel.compile import compile_problem
 
 GiB = 1 << 30
 WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")  # what wandb accepts in WANDB_MODE
@@ -45,6 +46,13 @@ def check_device(cfg: Config) -> None:
         problem = grouped_mm_problem(device, dtype, cfg.model.d_model, cfg.moe.d_ff)
         if problem:
             raise ConfigError(f"moe.expert_impl: grouped_mm cannot run here: {problem}; use auto (falls back) or loop")
+
+
+def check_compile(cfg: Config) -> None:
+    if cfg.train.compile:
+        problem = compile_problem("cuda" if _cuda_wanted(cfg) else "cpu")
+        if problem:
+            raise ConfigError(f"train.compile: {problem}; or set train.compile=false")
 
 
 def check_packages_and_data(cfg: Config) -> None:
@@ -267,6 +275,7 @@ def bf16_cpu_note(cfg: Config, capabilities: dict | None = None) -> str | None:
 def preflight(cfg: Config, world_size: int) -> None:
     """Everything that can be known before joining a process group; raises ConfigError."""
     check_device(cfg)
+    check_compile(cfg)
     check_packages_and_data(cfg)
     if cfg.train.engine == "deepspeed":
         check_deepspeed_settings(cfg, world_size)  # reads train.deepspeed_config

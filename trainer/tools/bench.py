@@ -37,6 +37,7 @@ from ..moe.experts import SharedExperts, default_init_std, expert_impl_used
 from ..moe.layer import MoE
 from ..parallel.dist import init_world, pick_device, shutdown
 from ..run.preflight import cpu_bf16_matrix_instructions
+from .bench_peer import deepspeed_layer, peer_d_ff, peer_problem
 from .stage_timing import STAGES, StageClock, staged_forward_backward, synchronize
 
 AUX_COEF, Z_COEF = 0.01, 0.001
@@ -169,8 +170,13 @@ def build_pair(case: LayerCase, device: torch.device, group, impl: str, seed: in
 
 
 def run_layer_case(case: LayerCase, device: torch.device, group, iters: int, rounds: int, impl: str,
-                   peaks: dict) -> dict:
+                   peaks: dict, peer: Optional[str] = None) -> dict:
     layer, dense = build_pair(case, device, group, impl)
+    peer_skipped = peer_problem(case.top_k) if peer else None
+    peer_layer = None
+    if peer and not peer_skipped:
+        peer_layer = deepspeed_layer(case.d_model, case.d_ff, case.num_experts, case.top_k, case.capacity_factor,
+                                     group, device)
     rank = group_rank(group)
     gen = torch.Generator(device=device).manual_seed(1000 + rank)
     x_TD = torch.randn(case.tokens, case.d_model, device=device, generator=gen)
@@ -192,21 +198,31 @@ def run_layer_case(case: LayerCase, device: torch.device, group, iters: int, rou
             y = dense(x)
         return (y.float() * grad_TD).sum()
 
+    def peer_forward() -> torch.Tensor:
+        x = x_TD.detach().requires_grad_()
+        with autocast():
+            y, l_aux, _ = peer_layer(x)
+        return (y.float() * grad_TD).sum() + AUX_COEF * l_aux
+
     def step(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
             forward().backward()
-            for p in (*layer.parameters(), *dense.parameters()):
+            for p in (*layer.parameters(), *dense.parameters(), *(peer_layer.parameters() if peer_layer else ())):
                 p.grad = None
         return run
 
-    moe_step, dense_step = step(moe_forward), step(dense_forward)
+    moe_step, dense_step, peer_step = step(moe_forward), step(dense_forward), step(peer_forward)
     moe_step(), dense_step()  # warm-up
+    if peer_layer is not None:
+        peer_step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    moe_s, dense_s = [], []
-    for _ in range(rounds):  # alternate, so drift in the machine's speed hits both alike
+    moe_s, dense_s, peer_s = [], [], []
+    for _ in range(rounds):  # alternate, so drift in the machine's speed hits all alike
         moe_s.append(timed(moe_step, iters, device, group))
         dense_s.append(timed(dense_step, iters, device, group))
+        if peer_layer is not None:
+            peer_s.append(timed(peer_step, iters, device, group))
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
     clock = StageClock(device)
@@ -238,7 +254,19 @@ def run_layer_case(case: LayerCase, device: torch.device, group, iters: int, rou
         "matmul_peak_tflops": round(peaks[case.dtype] / 1e12, 4),
         "experts_vs_peak": round(expert_rate / peaks[case.dtype], 4),
         "rounds_tokens_per_s": [round(case.tokens / t, 1) for t in moe_s],
+        **_peer_record(peer, peer_skipped, peer_s, moe_t, case),
     }
+
+
+def _peer_record(peer: Optional[str], skipped: Optional[str], peer_s: list[float], moe_t: float,
+                 case: LayerCase) -> dict:
+    if not peer:
+        return {}
+    if skipped:
+        return {"peer": peer, "peer_skipped": skipped}
+    peer_t = statistics.median(peer_s)
+    return {"peer": peer, "peer_d_ff": peer_d_ff(case.d_ff), "peer_tokens_per_s": round(case.tokens / peer_t, 1),
+            "vs_peer": round(peer_t / moe_t, 4), "peer_rounds_tokens_per_s": [round(case.tokens / t, 1) for t in peer_s]}
 
 
 # ---------------------------------------------------------------------------- step cases
@@ -394,6 +422,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "e.g. 'bf16,E64'")
     parser.add_argument("--impl", choices=("auto", "loop", "grouped_mm"), default="auto",
                         help="expert implementation (moe.expert_impl; default auto)")
+    parser.add_argument("--peer", choices=("deepspeed",), default=None,
+                        help="layer cases: also time DeepSpeed's MoE layer (deepspeed.moe.layer.MoE, GELU experts "
+                             "1.5x wider: equal FLOPs) on the same tokens, in the same rounds (vs_peer)")
     parser.add_argument("--iters", type=int, default=5, help="timed iterations per round (default 5)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternating rounds (MoE/dense layer, or the --config steps); median (default 3)")
@@ -440,7 +471,7 @@ def run(args, overrides: list[str]) -> int:
                 peaks[dtype] = matmul_peak_flops(DTYPES[dtype], device, group, shapes)
                 emit({"case": f"matmul_peak-{dtype}", "tflops": round(peaks[dtype] / 1e12, 4)})
             for case in cases:
-                emit(run_layer_case(case, device, group, args.iters, args.rounds, args.impl, peaks))
+                emit(run_layer_case(case, device, group, args.iters, args.rounds, args.impl, peaks, args.peer))
         if args.config:
             configs = [config_argument(value, overrides) for value in args.config]
             for record in run_step_cases(configs, args.steps, args.warmup, args.rounds, args.profile, device, group):

@@ -51,12 +51,17 @@ def _labelled(fn: Callable, part: str) -> Callable:
 
 @contextmanager
 def _patched(obj, name: str, part: str) -> Iterator[None]:
-    """`obj.name` wrapped in a label for the duration (an instance attribute, deleted after)."""
-    setattr(obj, name, _labelled(getattr(obj, name), part))
+    """`obj.name` wrapped in a label for the duration, then put back as it was."""
+    own = name in vars(obj)
+    original = getattr(obj, name)
+    setattr(obj, name, _labelled(original, part))
     try:
         yield
     finally:
-        delattr(obj, name)
+        if own:
+            setattr(obj, name, original)
+        else:
+            delattr(obj, name)
 
 
 @contextmanager
@@ -65,8 +70,9 @@ def labelled_parts(model: nn.Module, engine) -> Iterator[None]:
     with ExitStack() as stack:
         for module in model.modules():
             part = next((p for kind, p in MODULE_PARTS if isinstance(module, kind)), None)
-            if part is not None:
-                stack.enter_context(_patched(module, "forward", part))
+            if part is not None:  # a compiled module (train.compile) runs its compiled call, not forward
+                compiled = getattr(module, "_compiled_call_impl", None) is not None
+                stack.enter_context(_patched(module, "_compiled_call_impl" if compiled else "forward", part))
             if isinstance(module, MoE):
                 stack.enter_context(_patched(module, "route", "router"))
                 for name, p in DISPATCHER_PARTS.items():
@@ -121,10 +127,14 @@ def profile_steps(run_step: Callable[[], None], steps: int, model: nn.Module, en
                 run_step()
             wall_s = time.perf_counter() - start
     events = [e for e in prof.events() if not e.is_async]
-    parts_by_seq = {}
+    parts_by_seq: dict[int, str] = {}
     for e in events:  # forward ops that made an autograd node: their label is their backward's
         if e.sequence_nr >= 0 and not _in_backward(e):
-            parts_by_seq.setdefault(e.sequence_nr, part_of_forward(e))
+            # ops beside the one that made the node may carry its number too (a compiled region's
+            # casts, say): a labelled part wins over the unlabelled rest of the model
+            part = part_of_forward(e)
+            if parts_by_seq.get(e.sequence_nr) in (None, "model_other", "other"):
+                parts_by_seq[e.sequence_nr] = part
     ms: dict[str, float] = defaultdict(float)
     for e in events:
         part = _own_part(e, parts_by_seq)

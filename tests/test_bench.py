@@ -86,3 +86,26 @@ def test_bench_gpu_preset_without_cuda_is_one_line_not_a_long_cpu_run():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: bench: --preset gpu needs CUDA (torch.cuda.is_available() is "
                                                 "False); use --preset reference or quick here"]
+
+
+@pytest.mark.slow
+def test_bench_times_deepspeeds_moe_layer_beside_ours():
+    proc = run_cli(["bench", "--preset", "quick", "--cases", "E8-dropless,cap", "--iters", "1", "--rounds", "2",
+                    "--peer", "deepspeed"], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layer = [r for r in records(proc.stdout) if r["case"].startswith("fp32-E8")]
+    assert {r["capacity_factor"] for r in layer} == {None, 1.25}
+    for r in layer:
+        assert r["peer"] == "deepspeed" and r["peer_d_ff"] == 192  # 1.5 x d_ff 128: the same FLOPs in 2 matmuls
+        assert r["peer_tokens_per_s"] > 0 and len(r["peer_rounds_tokens_per_s"]) == 2
+        assert r["vs_peer"] == pytest.approx(r["tokens_per_s"] / r["peer_tokens_per_s"], rel=1e-3)
+
+
+def test_the_peer_is_skipped_with_a_reason_where_it_cannot_run(monkeypatch):
+    from trainer.tools.bench_peer import peer_d_ff, peer_problem
+
+    assert peer_problem(2) is None
+    assert "top_k=4" in peer_problem(4)
+    assert 3 * 256 * 1024 == 2 * 256 * peer_d_ff(1024)  # SwiGLU's three matmuls = GELU MLP's two
+    monkeypatch.setitem(__import__("sys").modules, "deepspeed", None)  # as if not installed
+    assert peer_problem(2).startswith("deepspeed is not installed")

@@ -62,12 +62,15 @@ def _parity_worker(rank, world_size, ep):
         (3, None, False, True, False, {"n_groups": 4, "topk_groups": 2, "expert_bias": True}),
         (2, None, False, False, False, {"router_jitter": 0.2, "noisy_topk": True}),
     ]
-    for top_k, capacity_factor, collapse, padded, bf16, options in scenarios:
+    # each scenario with the received rows as they arrive (blocks per source rank) and regrouped
+    scenarios = [(*sc, regroup_below) for sc in scenarios for regroup_below in (0, 10**9)]
+    for top_k, capacity_factor, collapse, padded, bf16, options, regroup_below in scenarios:
         tol = BF16_TOL if bf16 else TOL
         x_in = x_all.abs() if collapse else x_all
         valid_ref, valid_loc = (valid_all, valid_all[mine]) if padded else (None, None)
         ref = build(None, None, top_k, capacity_factor, collapse, **options)
         shard = build(layout.ep_group, layout.world_group, top_k, capacity_factor, collapse, **options)
+        shard.dispatcher.regroup_below_rows = regroup_below
         first = layout.ep_rank * (E // ep)
         local = slice(first, first + E // ep)
 
@@ -88,7 +91,7 @@ def _parity_worker(rank, world_size, ep):
         loss = objective(out, upstream_all[mine])
         loss.backward()
         what = (f"top_k={top_k} cf={capacity_factor} collapse={collapse} padded={padded} bf16={bf16} {options} "
-                f"ep={ep} world={W}")
+                f"regroup_below={regroup_below} ep={ep} world={W}")
         # every local expert ran, even on zero rows: its gradient is zeros, never None
         for name, p in shard.experts.named_parameters():
             assert p.grad is not None, f"{what}: {name} has no gradient before the sync"

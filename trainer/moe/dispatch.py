@@ -9,8 +9,10 @@ dispatch = plan (sort routes by expert, exchange counts, one device-to-host copy
            -> regroup (rank-major to local-expert-major)
 combine  = unregroup -> exchange_back -> unpermute (weighted scatter-add into [T, D]).
 Received rows arrive in (source rank, local expert) blocks. Experts that take row blocks (the
-expert loop) work on those blocks where they lie: a plan made with `expert_major=False` has no
-regroup, saving two passes over the rows each way; grouped GEMM needs one block per expert.
+expert loop) work on those blocks where they lie when the blocks are large: no regroup saves two
+passes over the rows each way. Small blocks are regrouped, one per expert, because a matmul of
+a few rows runs far below peak (bf16 on CPU: 0.4 of it at 32 rows, measured); grouped GEMM
+always needs one block per expert.
 Each stage is a public method, so a benchmark can time them one by one (`trainer.tools.bench`).
 
 Receive splits always come from the all_to_all of counts, never from a guess. With
@@ -62,6 +64,8 @@ class LoadError(RuntimeError):
 
 
 class Dispatcher:
+    regroup_below_rows = 128  # expert_major=None: regroup when received blocks average fewer rows
+
     def __init__(self, num_experts: int, ep_group: Optional[ProcessGroup] = None, where: str = "moe",
                  debug_splits: bool = False, max_recv_factor: Optional[float] = None):
         self.num_experts = num_experts
@@ -100,11 +104,12 @@ class Dispatcher:
         return self.regroup(rows if flight is None else wait_all_to_all_rows(rows, flight), plan)
 
     def plan(self, routing: Routing, global_routed_E: Optional[torch.Tensor] = None,
-             phase: str = "training", expert_major: bool = True) -> DispatchPlan:
+             phase: str = "training", expert_major: Optional[bool] = True) -> DispatchPlan:
         """Sort routes by expert, exchange counts, and bring every count the host needs over in
         ONE device-to-host copy (the layer's only one); dropped routes are sorted out, not filtered
         with `nonzero`. `expert_major=False`: the experts take the received (source rank, local
-        expert) blocks as they are, nothing is regrouped."""
+        expert) blocks as they are, nothing is regrouped; None: regroup only when the blocks
+        average fewer than `regroup_below_rows` rows."""
         P, L, E = self.ep_size, self.num_local_experts, self.num_experts
         K = routing.expert_idx_TK.shape[1]
         bucket_N = torch.where(routing.keep_TK, routing.expert_idx_TK, E).reshape(-1)  # dropped/padding: last
@@ -125,6 +130,8 @@ class Dispatcher:
         if host.numel() > 2 * P * L:
             self._check_load(host[2 * P * L:].view(P, L).sum(1), phase)
         route_idx_R = order_N[:int(send_PL.sum())]  # a host count: slicing needs no sync
+        if expert_major is None:
+            expert_major = int(recv_PL.sum()) < self.regroup_below_rows * P * L
         expert_major_idx_X = None
         if P > 1 and L > 1 and expert_major:
             expert_major_idx_X = regroup_index(recv_PL).to(bucket_N.device, non_blocking=True)

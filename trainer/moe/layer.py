@@ -228,9 +228,9 @@ class MoE(nn.Module):
         return routing, counts, aux_loss, z_loss
 
     def plan_dispatch(self, routing: Routing, counts: RoutingCounts, x_TD: torch.Tensor):
-        """The dispatcher's plan for these routes: rows left in the blocks the all_to_all delivers
-        when the experts take row blocks (no regroup), else grouped by expert."""
-        expert_major = not self.experts.takes_row_blocks(x_TD.device, x_TD.dtype)
+        """The dispatcher's plan for these routes: rows grouped by expert for grouped GEMM; for the
+        expert loop, left in the blocks the all_to_all delivers unless those are small."""
+        expert_major = None if self.experts.takes_row_blocks(x_TD.device, x_TD.dtype) else True
         return self.dispatcher.plan(routing, *self.dispatch_limits(counts), expert_major=expert_major)
 
     def dispatch_limits(self, counts: RoutingCounts) -> tuple[Optional[torch.Tensor], str]:

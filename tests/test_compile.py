@@ -78,3 +78,18 @@ def test_a_missing_cpp_compiler_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: config: train.compile: inductor needs a C++ compiler")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_training_equals_eager_on_cuda_in_bf16():
+    from trainer.parallel.dist import Layout
+
+    def config():
+        cfg = small_config(ep=1, batch_size=4)
+        cfg.train.device, cfg.train.dtype = "cuda", "bf16"
+        return cfg
+
+    cuda = Layout(0, 1, 0, 1, torch.device("cuda"), None, None, None)
+    eager = _train(config(), cuda, False)
+    compiled = _train(config(), cuda, True)
+    torch.testing.assert_close(torch.tensor(compiled[0]), torch.tensor(eager[0]), rtol=2e-2, atol=2e-2)

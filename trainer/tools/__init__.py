@@ -3,7 +3,9 @@
 | module | job |
 | --- | --- |
 | `bench.py` | `python -m trainer bench`: MoE layer and training-step throughput against references run alongside |
+| `bench_peer.py` | `bench --peer deepspeed`: DeepSpeed's MoE layer at equal FLOPs on the same tokens |
 | `stage_timing.py` | per-stage timing of an MoE layer's forward and backward (router, dispatch, experts, combine) |
+| `step_profile.py` | `bench --profile`: a training step's time by part, backward charged to its forward's part |
 | `compare.py` | `python -m trainer compare`: configs trained on the same data and seeds, tabulated |
 | `report.py` | `python -m trainer report`: PNG plots of runs' metrics |
 | `plan.py` | `python -m trainer plan`: a layout's bytes per rank from fake process groups, nothing allocated |

@@ -22,7 +22,6 @@ from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
-import torch
 from torch import nn
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile

@@ -88,7 +88,7 @@ def test_a_recompute_that_routes_again_is_caught(monkeypatch):
 
 
 def test_each_mode_saves_less_for_backward():
-    from trainer.tools.bench import activation_bytes
+    from trainer.tools.measure import activation_bytes
 
     saved = {}
     for mode in ("none", "moe", "full"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer.build import build_trainer
-from trainer.parallel.compile import compiled_modules
+from trainer.parallel.compile import compile_problem, compiled_modules
 from trainer.parallel.dist import make_layout
 
 from .cli import run_cli
@@ -16,6 +16,8 @@ from .distributed import run_processes
 from .test_training_invariants import CPU, one_process_layout, random_steps, small_config
 
 TOL = dict(rtol=1e-5, atol=1e-6)
+needs_cpp_compiler = pytest.mark.skipif(compile_problem("cpu") is not None,
+                                        reason=f"inductor cannot compile here: {compile_problem('cpu')}")
 PARAM_TOL = dict(rtol=1e-4, atol=1e-5)  # three AdamW steps amplify fp32 rounding in the first moments
 
 
@@ -44,6 +46,7 @@ VARIANTS = {
 
 
 @pytest.mark.slow
+@needs_cpp_compiler
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_compiled_training_equals_eager_in_one_process(variant):
     def config():
@@ -67,6 +70,7 @@ def _sharded_worker(rank, world_size):
 
 
 @pytest.mark.slow
+@needs_cpp_compiler
 def test_compiled_training_equals_eager_with_experts_sharded_over_2_processes():
     run_processes(_sharded_worker, 2, timeout_s=600)
 

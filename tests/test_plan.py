@@ -17,7 +17,7 @@ from trainer.build import build_trainer
 from trainer.parallel.activation_checkpointing import checkpointed_modules
 from trainer.parallel.dist import make_layout
 from trainer.parallel.memory import measured_bytes
-from trainer.tools.bench import activation_bytes
+from trainer.tools.measure import activation_bytes
 from trainer.tools.plan import plan
 
 from .cli import run_cli

@@ -3,6 +3,8 @@
 | module | job |
 | --- | --- |
 | `bench.py` | `python -m trainer bench`: MoE layer and training-step throughput against references run alongside |
+| `bench_steps.py` | `bench --config`: configs' training steps timed in alternating rounds, ratio to the first, MFU, memory |
+| `measure.py` | what bench measures with: time over ranks, the matmul peak, bytes saved for backward |
 | `bench_peer.py` | `bench --peer deepspeed`: DeepSpeed's MoE layer at equal FLOPs on the same tokens |
 | `stage_timing.py` | per-stage timing of an MoE layer's forward and backward (router, dispatch, experts, combine) |
 | `step_profile.py` | `bench --profile`: a training step's time by part, backward charged to its forward's part |

@@ -8,9 +8,9 @@ Each case also reports the time split by stage (`trainer.tools.stage_timing`), t
 matmuls' FLOP rate against this machine's matmul peak (measured here, per dtype, with the
 same threads per rank), activation memory (bytes saved for backward) and peak device memory.
 
-Step cases (`--config CONFIG [key=value ...]`): whole training steps of a config: tokens/s,
-model FLOPs utilisation against the measured matmul peak, and against the spec sheet
-(989 TFLOP/s bf16 on H100/H200) on a known GPU.
+Step cases (`--config CONFIG [--config CONFIG2 ...] [key=value ...]`): whole training steps of
+configs timed alternately, with the ratio to the first (`trainer.tools.bench_steps`). `--peer
+deepspeed` times DeepSpeed's own MoE layer beside each layer case (`trainer.tools.bench_peer`).
 
 Run it alone (one process) or under torchrun (the MoE layer's experts sharded over all
 ranks, ep = world size); on CPU torchrun gives each rank OMP_NUM_THREADS=1.
@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
-import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ..config import ParallelConfig
 from ..moe.collectives import group_rank
@@ -38,10 +35,11 @@ from ..moe.layer import MoE
 from ..parallel.dist import init_world, pick_device, shutdown
 from ..run.preflight import cpu_bf16_matrix_instructions
 from .bench_peer import deepspeed_layer, peer_d_ff, peer_problem
-from .stage_timing import STAGES, StageClock, staged_forward_backward, synchronize
+from .bench_steps import config_argument, run_step_cases
+from .measure import DTYPES, activation_bytes, matmul_peak_flops, mean_over_ranks, timed
+from .stage_timing import STAGES, StageClock, staged_forward_backward
 
 AUX_COEF, Z_COEF = 0.01, 0.001
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -73,84 +71,6 @@ PRESETS: dict[str, list[LayerCase]] = {
     # seconds on a laptop: for trying the command and for the test suite
     "quick": _cases(("fp32",), (8, 32), (None, 1.25), 64, 128, 2, 512),
 }
-
-
-# ---------------------------------------------------------------------------- environment
-
-def max_over_ranks(value: float, group, device) -> float:
-    if group is None:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.item()
-
-
-def mean_over_ranks(values: list[float], group, device) -> list[float]:
-    if group is None:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, group=group)
-    return (t / dist.get_world_size(group)).tolist()
-
-
-def timed(fn: Callable[[], None], iters: int, device: torch.device, group) -> float:
-    """Seconds per call of `fn`, the slowest rank's (every rank waits for it anyway)."""
-    if group is not None:
-        dist.barrier(group)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    synchronize(device)
-    return max_over_ranks((time.perf_counter() - start) / iters, group, device)
-
-
-def matmul_peak_flops(dtype: torch.dtype, device: torch.device, group, extra_shapes=()) -> float:
-    """The best matmul FLOP/s of this machine in `dtype` with this rank's threads, all ranks at
-    once (as in the cases): square shapes and the dense reference's own, the best of them."""
-    sizes = (1024, 2048) if device.type == "cpu" else (4096, 8192)
-    shapes = [(n, n, n) for n in sizes] + list(extra_shapes)
-    best = 0.0
-    for m, k, n in shapes:
-        a = torch.randn(m, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
-        flops = 2.0 * m * k * n
-        iters = max(2, min(50, int(2e10 / flops) if device.type == "cpu" else int(2e13 / flops)))
-        a @ b  # warm-up
-        for _ in range(3):  # the best of three: a peak, not an average over a noisy machine
-            best = max(best, flops / timed(lambda: a @ b, iters, device, group))
-    return best
-
-
-def activation_bytes(fn: Callable[[], torch.Tensor], params, checkpointed: Iterable[nn.Module] = ()) -> int:
-    """Bytes of the distinct tensors autograd saves for backward during `fn`, parameters (and other
-    tensors in `params`, e.g. buffers) left out: the activation memory. The inputs of `checkpointed`
-    modules count too: activation checkpointing keeps them outside autograd's saved tensors."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    storages: dict[int, int] = {}
-
-    def keep(t: torch.Tensor) -> None:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            storages[ptr] = t.untyped_storage().nbytes()
-
-    def pack(t: torch.Tensor):
-        keep(t)
-        return t
-
-    def held(module, args):
-        for a in args:
-            if isinstance(a, torch.Tensor) and torch.is_grad_enabled():
-                keep(a)
-
-    hooks = [m.register_forward_pre_hook(held) for m in checkpointed]
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return sum(storages.values())
 
 
 # ---------------------------------------------------------------------------- layer cases
@@ -267,152 +187,6 @@ def _peer_record(peer: Optional[str], skipped: Optional[str], peer_s: list[float
     peer_t = statistics.median(peer_s)
     return {"peer": peer, "peer_d_ff": peer_d_ff(case.d_ff), "peer_tokens_per_s": round(case.tokens / peer_t, 1),
             "vs_peer": round(peer_t / moe_t, 4), "peer_rounds_tokens_per_s": [round(case.tokens / t, 1) for t in peer_s]}
-
-
-# ---------------------------------------------------------------------------- step cases
-
-@dataclass
-class StepCase:
-    """One config's trainer and batches, ready to time training steps."""
-
-    name: str
-    cfg: object
-    layout: object
-    tr: object
-    batches: object
-    next_step: int = 0
-
-    def step(self) -> None:
-        from ..build import lr_at
-        from ..train import train_step
-
-        inputs, targets = self.batches.batch(self.next_step)
-        train_step(self.tr, inputs, targets, lr_at(self.next_step, self.cfg))
-        self.next_step += 1
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.cfg.train.batch_size * self.cfg.model.seq_len
-
-
-def config_argument(value: str, shared_overrides: list[str]) -> tuple[str, list[str]]:
-    """`--config "PATH key=value ..."`: the path, then its own overrides after the shared ones."""
-    path, *own = shlex.split(value)
-    return path, [*shared_overrides, *own]
-
-
-def build_step_case(config: str, overrides: list[str], device: torch.device, group) -> StepCase:
-    """A config's trainer as `train` builds it (no run.dir is touched)."""
-    from ..build import build_trainer
-    from ..config import load_config, validate
-    from ..data import TokenBatches, check_corpus, load_corpus
-    from ..parallel.dist import make_layout
-    from ..run.preflight import preflight
-
-    world = 1 if group is None else dist.get_world_size(group)
-    cfg = load_config(config, [*overrides, f"train.device={device.type}",
-                               f"parallel.backend={'nccl' if device.type == 'cuda' else 'gloo'}"])
-    validate(cfg, world)
-    preflight(cfg, world)
-    layout = make_layout(cfg.parallel, device)
-    corpus = load_corpus(cfg.data)
-    check_corpus(corpus, cfg.model.vocab_size, cfg.model.seq_len)
-    tr = build_trainer(cfg, layout)
-    t = cfg.train
-    batches = TokenBatches(corpus.train, cfg.model.seq_len, t.batch_size, layout.rank, world, t.seed, True, "train")
-    name = f"step:{config}" + (f" {' '.join(overrides)}" if overrides else "")
-    return StepCase(name, cfg, layout, tr, batches)
-
-
-def run_step_cases(configs: list[tuple[str, list[str]]], steps: int, warmup: int, rounds: int, profile: bool,
-                   device: torch.device, group) -> list[dict]:
-    """Whole training steps of each config, timed in alternating rounds (so drift in the machine's
-    speed hits every config alike); `ratio` is each config's tokens/s over the first one's."""
-    cases = [build_step_case(path, overrides, device, group) for path, overrides in configs]
-    for case in cases:
-        for _ in range(warmup):
-            case.step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds: list[list[float]] = [[] for _ in cases]
-    for _ in range(rounds):
-        for case, times in zip(cases, seconds):
-            times.append(timed(case.step, steps, device, group))
-    peaks = {dtype: matmul_peak_flops(DTYPES[dtype], device, group) for dtype in sorted({c.cfg.train.dtype for c in cases})}
-    records = [step_record(case, statistics.median(times), times, peaks, device, group)
-               for case, times in zip(cases, seconds)]
-    for record in records:
-        record["ratio"] = round(record["tokens_per_s"] / records[0]["tokens_per_s"], 4)
-    if profile:
-        from .stage_timing import synchronize
-        from .step_profile import profile_steps
-
-        for case, record in zip(cases, records):
-            def profiled_step(case=case) -> None:
-                case.step()
-                synchronize(device)
-            split = profile_steps(profiled_step, steps, case.tr.model, case.tr.engine)
-            # the mean over ranks, and the busiest rank's: experts that differ between ranks are
-            # routing imbalance, which the other ranks spend waiting in all_to_all
-            mean = mean_over_ranks(list(split.values()), group, device)
-            most = [max_over_ranks(v, group, device) for v in split.values()]
-            record["profile_ms"] = {k: round(v, 2) for k, v in zip(split, mean)}
-            record["profile_max_ms"] = {k: round(v, 2) for k, v in zip(split, most)}
-    return records
-
-
-def step_record(case: StepCase, seconds: float, rounds_s: list[float], peaks: dict, device, group) -> dict:
-    from ..build import spec_peak_bf16_flops
-
-    cfg, tr, t = case.cfg, case.tr, case.cfg.train
-    world = 1 if group is None else dist.get_world_size(group)
-    tokens_per_s = case.tokens_per_step / seconds
-    flops_per_token = tr.model.flops_per_token()
-    peak, spec = peaks[t.dtype], spec_peak_bf16_flops(device)
-    return {
-        "case": case.name,
-        "dtype": t.dtype,
-        "ranks": world,
-        "ep": cfg.parallel.ep,
-        "tokens_per_s": round(tokens_per_s, 1),
-        "rounds_tokens_per_s": [round(case.tokens_per_step / s, 1) for s in rounds_s],
-        "step_ms": round(1e3 * seconds, 2),
-        "flops_per_token": flops_per_token,
-        "matmul_peak_tflops": round(peak / 1e12, 4),
-        "mfu": round(flops_per_token * tokens_per_s / (peak * world), 4),
-        "mfu_spec": round(flops_per_token * tokens_per_s / (spec * world), 4) if spec and t.dtype == "bf16" else None,
-        "peak_mem_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
-        "params": sum(p.numel() for p in tr.model.parameters()),
-        "engine": t.engine,
-        "activation_checkpointing": t.activation_checkpointing,
-        "compile": t.compile,
-        **_memory_record(tr, cfg, case.layout, case.batches),
-    }
-
-
-def _memory_record(tr, cfg, layout, batches) -> dict:
-    """This rank's parameter + optimizer bytes as held (and as planned), and one micro-batch's saved
-    activations as measured (not under FSDP, whose gathered weights would count) and as planned."""
-    from ..parallel.activation_checkpointing import checkpointed_modules
-    from ..parallel.memory import measured_bytes, memory_plan
-
-    held = measured_bytes(tr.model, tr.engine.optimizer) if hasattr(tr.engine, "optimizer") else None
-    planned = memory_plan(tr.model, cfg, layout)
-    record = {
-        "param_optimizer_mb": round((held["param_bytes"] + held["optimizer_bytes"]) / 2**20, 2) if held else None,
-        "planned_param_optimizer_mb": round((planned["param_bytes"] + planned["optimizer_bytes"]) / 2**20, 2),
-        "activation_mb": None,
-        "planned_activation_mb": round(planned["activation_bytes"] / 2**20, 2),
-    }
-    if cfg.train.engine != "fsdp":
-        inputs, targets = batches.batch(0)
-        micro = inputs.shape[0] // cfg.train.grad_accum
-        inputs, targets = inputs[:micro].to(layout.device), targets[:micro].to(layout.device)
-        skip = list(tr.model.parameters()) + list(tr.model.buffers())
-        saved = activation_bytes(lambda: tr.model(inputs, targets).loss, skip,
-                                 checkpointed_modules(tr.model, cfg.train.activation_checkpointing))
-        record["activation_mb"] = round(saved / 2**20, 2)
-    return record
 
 
 # ---------------------------------------------------------------------------- CLI

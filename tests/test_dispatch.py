@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from trainer.moe.collectives import CollectiveError
-from trainer.moe.dispatch import Dispatcher, regroup_index
+from trainer.moe.dispatch import Dispatcher, received_row_blocks, regroup_index
+from trainer.moe.expert_loop import row_blocks_of
 from trainer.moe.router import Routing
 
 from .distributed import groups_of, run_processes
@@ -88,6 +89,17 @@ def test_regroup_index_orders_by_expert_then_rank():
     counts_PL = torch.tensor([[2, 0, 1], [1, 3, 0]])
     # rank-major rows: r0e0 r0e0 r0e2 | r1e0 r1e1 r1e1 r1e1 -> expert-major: e0 (r0, r0, r1), e1 (r1 x3), e2 (r0)
     assert regroup_index(counts_PL).tolist() == [0, 1, 3, 4, 5, 6, 2]
+
+
+def test_received_row_blocks_lie_where_the_rows_do():
+    counts_PL = torch.tensor([[2, 0, 1], [1, 3, 0]])
+    # rank-major: r0e0 x2, r0e2, r1e0, r1e1 x3
+    assert received_row_blocks(counts_PL, expert_major=False) == [(0, 0, 2), (2, 2, 3), (0, 3, 4), (1, 4, 7)]
+    # expert-major (after regroup_index): one block per expert with rows, as grouped GEMM needs
+    assert received_row_blocks(counts_PL, expert_major=True) == row_blocks_of(counts_PL.sum(0).tolist())
+    one_expert_PL = torch.tensor([[3], [0], [2]])  # ep = num_experts: each rank's rows of its one expert
+    assert received_row_blocks(one_expert_PL, expert_major=True) == [(0, 0, 5)]
+    assert received_row_blocks(one_expert_PL, expert_major=False) == [(0, 0, 5)]
 
 
 def _mismatch_worker(rank, world_size):

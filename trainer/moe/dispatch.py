@@ -59,6 +59,24 @@ def regroup_index(counts_PL: torch.Tensor) -> torch.Tensor:
     return block_start_X + torch.arange(total, device=counts_PL.device) - block_begin_X
 
 
+def received_row_blocks(counts_PL: torch.Tensor, expert_major: bool) -> list[tuple[int, int, int]]:
+    """(local expert, first row, end row) of the received rows, in the order they lie: grouped by
+    expert (`expert_major`), else by source rank then expert; adjacent rows of one expert are one block."""
+    P, L = counts_PL.shape
+    block_counts = counts_PL.t() if expert_major else counts_PL  # [L, P] or [P, L]
+    blocks: list[tuple[int, int, int]] = []
+    start = 0
+    for i, n in enumerate(block_counts.reshape(-1).tolist()):
+        if n:
+            expert = i // P if expert_major else i % L
+            if blocks and blocks[-1][0] == expert and blocks[-1][2] == start:
+                blocks[-1] = (expert, blocks[-1][1], start + n)
+            else:
+                blocks.append((expert, start, start + n))
+        start += n
+    return blocks
+
+
 class LoadError(RuntimeError):
     """An EP rank would receive more rows than `max_recv_factor` allows; the same on every rank."""
 
@@ -135,13 +153,6 @@ class Dispatcher:
         expert_major_idx_X = None
         if P > 1 and L > 1 and expert_major:
             expert_major_idx_X = regroup_index(recv_PL).to(bucket_N.device, non_blocking=True)
-        block_counts = recv_PL.t() if expert_major else recv_PL  # the order rows lie in: [L, P] or [P, L]
-        row_blocks, start = [], 0
-        for i, n in enumerate(block_counts.reshape(-1).tolist()):
-            if n:
-                expert = i // P if expert_major else i % L
-                row_blocks.append((expert, start, start + n))
-            start += n
         return DispatchPlan(
             num_tokens=routing.expert_idx_TK.shape[0],
             route_idx_R=route_idx_R,
@@ -151,7 +162,7 @@ class Dispatcher:
             recv_splits=recv_PL.sum(1).tolist(),
             tokens_per_local_expert=recv_PL.sum(0).tolist(),
             expert_major_idx_X=expert_major_idx_X,
-            row_blocks=row_blocks,
+            row_blocks=received_row_blocks(recv_PL, expert_major or P == 1),
         )
 
     def permute(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

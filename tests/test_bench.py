@@ -106,8 +106,41 @@ def test_bench_times_deepspeeds_moe_layer_beside_ours():
 def test_the_peer_is_skipped_with_a_reason_where_it_cannot_run(monkeypatch):
     from trainer.tools.bench_peer import peer_d_ff, peer_problem
 
+    if peer_problem(2) is not None and "not installed" in peer_problem(2):
+        pytest.skip("deepspeed is not installed")
     assert peer_problem(2) is None
     assert "top_k=4" in peer_problem(4)
     assert 3 * 256 * 1024 == 2 * 256 * peer_d_ff(1024)  # SwiGLU's three matmuls = GELU MLP's two
     monkeypatch.setitem(__import__("sys").modules, "deepspeed", None)  # as if not installed
     assert peer_problem(2).startswith("deepspeed is not installed")
+
+
+def _profile_worker(rank, world_size):
+    from torch.profiler import profile
+
+    from trainer.build import build_trainer
+    from trainer.parallel.dist import make_layout
+    from trainer.tools.step_profile import charged_parts, labelled_parts
+
+    from .test_training_invariants import CPU, random_steps, small_config
+
+    cfg = small_config(ep=2, batch_size=8)
+    cfg.moe.num_shared_experts = 1  # the token exchange is split around them (start/wait)
+    tr = build_trainer(cfg, make_layout(cfg.parallel, CPU))
+    random_steps(tr, 1, lr=1e-3)
+    with labelled_parts(tr.model, tr.engine), profile() as prof:
+        random_steps(tr, 1, lr=1e-3, seed=1)
+    charged = [(e.name, part) for e, part in charged_parts([e for e in prof.events() if not e.is_async])]
+    exchanges = [part for name, part in charged if name == "c10d::alltoall_base_"]
+    # per MoE layer: the count exchange (dispatch), tokens there and back, their gradients back and there
+    assert exchanges.count("dispatch") == 2 and exchanges.count("all_to_all") == 8, exchanges
+    waits = {part for name, part in charged if name.startswith(("_WaitAllToAllRows", "_StartAllToAllRowsBackward"))}
+    assert waits == {"all_to_all"}, waits
+    assert {part for name, part in charged if name.startswith("ExpertLoopSwiGLU")} == {"experts"}
+
+
+@pytest.mark.slow
+def test_the_profile_charges_every_exchange_to_its_part_with_shared_experts_overlapped():
+    from .distributed import run_processes
+
+    run_processes(_profile_worker, 2)

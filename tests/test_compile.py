@@ -38,10 +38,13 @@ def _assert_same_training(eager, compiled):
         torch.testing.assert_close(params_c[name], params_e[name], **PARAM_TOL, msg=name)
 
 
-VARIANTS = {
-    "dropless": {},
-    "capacity+shared+jitter": {"capacity_factor": 1.0, "num_shared_experts": 1, "router_jitter": 0.1},
-    "dense": {"num_experts": 0},
+VARIANTS = {  # (moe settings, train settings)
+    "dropless": ({}, {}),
+    "capacity+shared+jitter": ({"capacity_factor": 1.0, "num_shared_experts": 1, "router_jitter": 0.1}, {}),
+    "dense": ({"num_experts": 0}, {}),
+    # compiled modules inside recomputed regions: the recompute must save what the forward saved
+    "moe recompute+noisy": ({"noisy_topk": True}, {"activation_checkpointing": "moe"}),
+    "full recompute+shared": ({"num_shared_experts": 1}, {"activation_checkpointing": "full"}),
 }
 
 
@@ -51,8 +54,10 @@ VARIANTS = {
 def test_compiled_training_equals_eager_in_one_process(variant):
     def config():
         cfg = small_config(ep=1, batch_size=4)
-        for key, value in VARIANTS[variant].items():
-            setattr(cfg.moe, key, value)
+        moe, train = VARIANTS[variant]
+        for section, values in ((cfg.moe, moe), (cfg.train, train)):
+            for key, value in values.items():
+                setattr(section, key, value)
         return cfg
 
     eager = _train(config(), one_process_layout(), False)

@@ -61,6 +61,7 @@ def _parity_worker(rank, world_size, ep):
         (2, None, False, True, False, {"num_shared_experts": 2, "overlap_shared_experts": False}),
         (3, None, False, True, False, {"n_groups": 4, "topk_groups": 2, "expert_bias": True}),
         (2, None, False, False, False, {"router_jitter": 0.2, "noisy_topk": True}),
+        (2, None, False, True, False, {"expert_impl": "grouped_mm"}),  # one block per expert, however many ranks fill it
     ]
     # each scenario with the received rows as they arrive (blocks per source rank) and regrouped
     scenarios = [(*sc, regroup_below) for sc in scenarios for regroup_below in (0, 10**9)]

@@ -95,7 +95,7 @@ class TrainConfig:
     engine: str = "native"  # native (our gradient sync + AdamW) | deepspeed (DeepSpeed's ZeRO 0-2) | fsdp (torch FSDP2: ZeRO-3)
     reshard_after_forward: bool = True  # fsdp: free gathered weights after each block's forward (ZeRO-3); false keeps them to backward (ZeRO-2)
     activation_checkpointing: str = "none"  # none | full (each block recomputed in backward) | moe (only MoE FFNs recomputed)
-    compile: bool = False  # torch.compile each block's dense parts (attention, norms, FFN; inductor: needs a C++ compiler on CPU); routing and dispatch stay eager
+    compile: bool = False  # torch.compile each block's norms, attention and dense/shared FFNs (inductor: needs a C++ compiler on CPU); routing, dispatch and experts stay eager
     zero_stage: int = 0  # deepspeed: ZeRO stage 0, 1 (optimizer state sharded) or 2 (and gradients); 3 is refused
     deepspeed_config: Optional[str] = None  # deepspeed: a DeepSpeed JSON config merged in; keys the trainer owns are refused
 

@@ -8,7 +8,7 @@
 | `fsdp.py` | FSDP2 units composed with EP: dense over the world, experts over their replicas (divided by the world) |
 | `activation_checkpointing.py` | `train.activation_checkpointing`: blocks or MoE layers recomputed, routing replayed |
 | `memory.py` | the memory plan: bytes per rank (params, grads, optimizer, activations) and all_to_all traffic |
-| `compile.py` | `train.compile`: torch.compile of the norms, attention, dense FFNs and routers; what inductor needs |
+| `compile.py` | `train.compile`: torch.compile of the norms, attention and dense FFNs; what inductor needs |
 
 Imports: `config`, `seeding`, `model`, `moe` and `data` only (the layers below). Model code
 never imports this package: the model is built without process groups, then parallelized.

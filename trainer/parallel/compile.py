@@ -1,11 +1,14 @@
 """`train.compile`: `torch.compile` (inductor) of the parts of every block whose work is fixed by
-the config: the norms, attention, dense and shared-expert FFNs, and the routers (scores, top-k,
-capacity, balance statistics: no collective, no host sync).
+the config: the norms, attention, and the dense and shared-expert FFNs.
 
-What stays eager is what depends on the routing's data: the count exchange and the host copy of
-the splits, the all_to_alls, the expert loop (one matmul per block of rows, sized by the counts) and
-the combine's scatter. Each compiled module keeps its parameter names (`nn.Module.compile`), so
-checkpoints, the optimizer's groups, activation checkpointing and FSDP see the same model.
+What stays eager is the MoE layer's routing and everything that depends on the routing's data:
+the router, the count exchange and the host copy of the splits, the all_to_alls, the expert loop
+(one matmul per block of rows, sized by the counts) and the combine's scatter. The router stays
+eager because an activation-checkpointing recompute calls it with the forward's choices (no
+top-k): compiled, that is another graph that saves other tensors for backward, which
+checkpointing refuses; compiled, it also measured no faster. Each compiled module keeps its
+parameter names (`nn.Module.compile`), so checkpoints, the optimizer's groups, activation
+checkpointing and FSDP see the same model.
 
 Inductor needs a C++ compiler on CPU and Triton on CUDA; `compile_problem` says which is missing,
 so that preflight refuses `train.compile=true` in one line instead of a traceback mid-step.
@@ -19,9 +22,8 @@ from torch import nn
 
 from ..model import Attention, DenseFFN
 from ..moe.experts import SharedExperts
-from ..moe.router import Router
 
-COMPILED_MODULES = (nn.RMSNorm, Attention, DenseFFN, SharedExperts, Router)
+COMPILED_MODULES = (nn.RMSNorm, Attention, DenseFFN, SharedExperts)
 
 
 def compile_problem(device_type: str) -> Optional[str]:

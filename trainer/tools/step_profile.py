@@ -36,7 +36,10 @@ PARTS = ("model_other", "attention", "dense_ffn", "router", "dispatch", "all_to_
 LABEL = "part:"
 MODULE_PARTS = ((Attention, "attention"), (DenseFFN, "dense_ffn"), (Router, "router"), (Experts, "experts"),
                 (SharedExperts, "shared_experts"))
+# start_send/finish_send (the exchange split around shared experts) hold permute and regroup,
+# whose own labels are innermost and win
 DISPATCHER_PARTS = {"plan": "dispatch", "permute": "dispatch", "regroup": "dispatch", "exchange": "all_to_all",
+                    "start_send": "all_to_all", "finish_send": "all_to_all",
                     "unregroup": "combine", "exchange_back": "all_to_all", "unpermute": "combine"}
 
 
@@ -126,6 +129,15 @@ def profile_steps(run_step: Callable[[], None], steps: int, model: nn.Module, en
                 run_step()
             wall_s = time.perf_counter() - start
     events = [e for e in prof.events() if not e.is_async]
+    ms: dict[str, float] = defaultdict(float)
+    for e, part in charged_parts(events):
+        ms[part] += e.self_cpu_time_total / 1e3
+    ms["untraced"] = max(0.0, 1e3 * wall_s - sum(ms.values()))
+    return {p: round(ms.get(p, 0.0) / steps, 2) for p in PARTS}
+
+
+def charged_parts(events: list) -> Iterator[tuple[object, str]]:
+    """(event, the part its own time is charged to) for profiler `events` of labelled steps."""
     parts_by_seq: dict[int, str] = {}
     for e in events:  # forward ops that made an autograd node: their label is their backward's
         if e.sequence_nr >= 0 and not _in_backward(e):
@@ -134,11 +146,8 @@ def profile_steps(run_step: Callable[[], None], steps: int, model: nn.Module, en
             part = part_of_forward(e)
             if parts_by_seq.get(e.sequence_nr) in (None, "model_other", "other"):
                 parts_by_seq[e.sequence_nr] = part
-    ms: dict[str, float] = defaultdict(float)
     for e in events:
         part = _own_part(e, parts_by_seq)
-        if part in ("model_other", "other") and e.name.startswith("c10d::"):
+        if part == "model_other" and e.name.startswith("c10d::"):
             part = "grad_sync"  # a gradient all_reduce started by a backward hook
-        ms[part] += e.self_cpu_time_total / 1e3
-    ms["untraced"] = max(0.0, 1e3 * wall_s - sum(ms.values()))
-    return {p: round(ms.get(p, 0.0) / steps, 2) for p in PARTS}
+        yield e, part

@@ -117,7 +117,7 @@ class Experts(nn.Module):
             problem = grouped_mm_problem(x_XD.device, x_XD.dtype, D, F_)
             if problem:
                 raise RuntimeError(f"moe.expert_impl=grouped_mm: {problem}")
-        if expert_impl_used(self.impl, x_XD.device, x_XD.dtype, D, F_) == "grouped_mm":
+        if self.impl_used(x_XD.device, x_XD.dtype) == "grouped_mm":
             if row_blocks is not None and row_blocks != row_blocks_of(tokens_per_expert):
                 raise ValueError("grouped_mm experts need their rows grouped by expert, one block each")
             return self._forward_grouped(x_XD, tokens_per_expert)

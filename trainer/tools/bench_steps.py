@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from .measure import DTYPES, activation_bytes, matmul_peak_flops, max_over_ranks, mean_over_ranks, timed
 
+
 @dataclass
 class StepCase:
     """One config's trainer and batches, ready to time training steps."""

@@ -86,38 +86,33 @@ def labelled_parts(model: nn.Module, engine) -> Iterator[None]:
         yield
 
 
+BACKWARD_NODE = "autograd::engine::evaluate_function:"
+
+
+def _ancestors(event) -> Iterator:
+    """`event`, then the events it ran inside, innermost first."""
+    while event is not None:
+        yield event
+        event = event.cpu_parent
+
+
 def _own_part(event, parts_by_seq: dict[int, str]) -> str:
     """The innermost label around `event`; for a backward op, its forward op's label."""
-    node = event
-    while node is not None:
-        name = node.name
-        if name.startswith(LABEL):
-            part = name[len(LABEL):]
-            # a backward op runs inside engine.backward's label: its forward op decides
-            if part != "model_other":
-                return part
-        if name.startswith("autograd::engine::evaluate_function:"):
+    for node in _ancestors(event):
+        # a backward op runs inside engine.backward's label (model_other): its forward op decides
+        if node.name.startswith(LABEL) and node.name != LABEL + "model_other":
+            return node.name[len(LABEL):]
+        if node.name.startswith(BACKWARD_NODE):
             return parts_by_seq.get(node.sequence_nr, "model_other")
-        node = node.cpu_parent
     return "other"
 
 
 def _in_backward(event) -> bool:
-    node = event
-    while node is not None:
-        if node.name.startswith("autograd::engine::evaluate_function:"):
-            return True
-        node = node.cpu_parent
-    return False
+    return any(node.name.startswith(BACKWARD_NODE) for node in _ancestors(event))
 
 
 def part_of_forward(event) -> str:
-    node = event
-    while node is not None:
-        if node.name.startswith(LABEL):
-            return node.name[len(LABEL):]
-        node = node.cpu_parent
-    return "other"
+    return next((node.name[len(LABEL):] for node in _ancestors(event) if node.name.startswith(LABEL)), "other")
 
 
 def profile_steps(run_step: Callable[[], None], steps: int, model: nn.Module, engine) -> dict[str, float]:

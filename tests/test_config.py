@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from trainer.__main__ import main
-from trainer.config import ConfigError, config_from_dict, load_config, validate
+from trainer.config import ConfigError, config_from_dict, load_config
+from trainer.config_validation import validate
 
 from .cli import REPO, run_cli
 

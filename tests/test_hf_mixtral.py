@@ -194,7 +194,8 @@ def test_a_shape_that_does_not_match_the_safetensors_is_one_line(capsys, tmp_pat
 
 def test_init_is_a_config_section_with_a_checked_value():
     assert "init" in {f.name for f in dataclasses.fields(Config)} and Config().init.from_hf is None
-    from trainer.config import ConfigError, validate
+    from trainer.config import ConfigError
+    from trainer.config_validation import validate
 
     with pytest.raises(ConfigError, match="^init.from_hf: must not be empty"):
         validate(config_from_dict({}, ["init.from_hf=''", "parallel.ep=1"]), 1)

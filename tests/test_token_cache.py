@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from trainer.__main__ import main
-from trainer.config import ConfigError, DataConfig, load_config, validate
+from trainer.config import ConfigError, DataConfig, load_config
+from trainer.config_validation import validate
 from trainer.data import DataError, check_corpus, is_val_document, load_corpus, open_source
 from trainer.data.cache import BUILDS_LOG
 from trainer.data.shards import shard_key

@@ -17,7 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config, validate
+from .config import ConfigError, load_config
+from .config_validation import validate
 from .config_keys import format_config_keys
 from .launch_env import LaunchError, check_launch_env, env_rank, env_world_size
 from .run.error_once import write_error_once, write_line

@@ -139,7 +139,7 @@ def eval_checkpoint(path: str | Path, overrides: list[str], warn=lambda line: No
     """Validation loss of a run's newest checkpoint (or an export) in one process, on the
     configured corpus or the one the overrides name (`data.path=...`, `train.eval_batches=...`).
     The device is `auto` (CUDA if present) unless `train.device=` says otherwise."""
-    from ..config import validate
+    from ..config_validation import validate
     from ..data import TokenBatches, check_corpus, load_corpus, saved_tokenizer
     from ..parallel.dist import pick_device
 

@@ -1,6 +1,6 @@
 """Checks of a valid config against this machine, before any process group or allocation.
 
-`config.validate` checks values against each other; this module checks them against the
+`config_validation.validate` checks values against each other; this module checks them against the
 machine: the device and backend exist, optional packages are installed, dataset scripts are
 refused, grouped GEMM can run, DeepSpeed's JSON is one the trainer can use, and parameters
 plus activations fit in memory. Every problem is one `ConfigError` naming the key, raised

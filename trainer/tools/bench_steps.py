@@ -47,7 +47,8 @@ def config_argument(value: str, shared_overrides: list[str]) -> tuple[str, list[
 def build_step_case(config: str, overrides: list[str], device: torch.device, group) -> StepCase:
     """A config's trainer as `train` builds it (no run.dir is touched)."""
     from ..build import build_trainer
-    from ..config import load_config, validate
+    from ..config import load_config
+    from ..config_validation import validate
     from ..data import TokenBatches, check_corpus, load_corpus
     from ..parallel.dist import make_layout
     from ..run.preflight import preflight

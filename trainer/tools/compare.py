@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import Config, ConfigError, load_config, validate
+from ..config import Config, ConfigError, load_config
+from ..config_validation import validate
 
 # what makes two runs comparable: a config may differ in anything else (its model, router, lr ...)
 MATCHED_KEYS = ("train.steps", "train.batch_size", "train.grad_accum", "train.seed", "train.eval_every",

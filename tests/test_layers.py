@@ -23,7 +23,7 @@ LAYERS = [  # top first: a module's layer is the first whose prefix names it
     ("run", ("trainer.run",)),
     ("parallel", ("trainer.parallel",)),
     ("model", ("trainer.model", "trainer.moe", "trainer.data")),
-    ("ground", ("trainer.config", "trainer.config_keys", "trainer.seeding", "trainer.launch_env")),
+    ("ground", ("trainer.config", "trainer.config_validation", "trainer.config_keys", "trainer.seeding", "trainer.launch_env")),
 ]
 
 

@@ -36,6 +36,13 @@ class ModelConfig:
     dense_d_ff: Optional[int] = None  # hidden size of dense FFN blocks; null = moe.d_ff
     rope_theta: float = 10000.0  # rotary embedding base
     norm_eps: float = 1e-5  # RMSNorm epsilon
+    n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention; must divide n_heads); null = n_heads
+    head_dim: Optional[int] = None  # width of one attention head; null = d_model / n_heads (Qwen3 sets it apart)
+    qk_norm: str = "none"  # none | per_head (RMSNorm of each head's q and k, Qwen3) | full (of the whole q and k projections, OLMoE)
+    first_moe_layer: int = 0  # blocks before this one are dense (DeepSeek/GLM first_k_dense_replace, Qwen3 mlp_only_layers)
+    tie_embeddings: bool = False  # the output head is the input embedding (one matrix)
+    attention_bias: bool = False  # the q, k and v projections have biases (GLM-4.5); the output projection never does
+    rope_fraction: float = 1.0  # share of each head's dims that rotate (GLM-4.5: 0.5); the rest pass through
 
 
 @dataclass
@@ -55,7 +62,7 @@ class MoEConfig:
     aux_loss_scope: str = "micro_batch"  # micro_batch | global_batch | sequence: what f and P of the aux loss cover
     z_loss_coef: float = 0.001  # weight of the router z-loss mean(logsumexp(logits)^2)
     normalize_top_k: Optional[bool] = None  # null = renormalise over the k chosen when k > 1
-    score_func: str = "softmax"  # softmax | sigmoid (DeepSeek-V3: independent scores, renormalised over the k when k > 1)
+    score_func: str = "softmax"  # softmax | sigmoid (DeepSeek-V3: independent scores, renormalised over the k when k > 1; chosen with the expert bias)
     route_scale: float = 1.0  # multiplies the combine weights
     router_jitter: float = 0.0  # training: multiply the router input by U(1-eps, 1+eps) per element (Switch)
     noisy_topk: bool = False  # training: add N(0,1) * softplus(x W_noise) to the logits (Shazeer 2017)
@@ -151,6 +158,31 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     init: InitConfig = field(default_factory=InitConfig)
+
+
+def head_dim(m: ModelConfig) -> int:
+    return m.head_dim if m.head_dim is not None else m.d_model // m.n_heads
+
+
+def kv_heads(m: ModelConfig) -> int:
+    return m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
+
+
+def rotary_dim(m: ModelConfig) -> int:
+    """How many of a head's dims rotate: head_dim x rope_fraction, rounded down to an even number."""
+    return int(head_dim(m) * m.rope_fraction) // 2 * 2
+
+
+def chooses_with_expert_bias(e: MoEConfig) -> bool:
+    """Whether routers add their expert bias to the scores they choose by: when it moves (expert_bias_rate
+    > 0), and always for sigmoid scores, as DeepSeek-V3 and GLM-4.5 do (the bias stays zero unless it
+    moves or init.from_hf loads one; adding a zero changes no choice)."""
+    return e.expert_bias_rate > 0 or e.score_func == "sigmoid"
+
+
+def is_moe_layer(m: ModelConfig, e: MoEConfig, layer: int) -> bool:
+    """Whether block `layer` has an MoE FFN: from model.first_moe_layer on, every model.moe_every-th."""
+    return e.num_experts > 0 and layer >= m.first_moe_layer and (layer + 1) % m.moe_every == 0
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -7,7 +7,7 @@ message. Checks against the machine (devices, compilers, DeepSpeed) are `trainer
 
 from __future__ import annotations
 
-from .config import BYTE_VOCAB, MAX_TIMEOUT_S, Config, ConfigError
+from .config import BYTE_VOCAB, MAX_TIMEOUT_S, Config, ConfigError, head_dim, is_moe_layer, rotary_dim
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -36,14 +36,28 @@ def validate(cfg: Config, world_size: int) -> None:
         _require(value >= 1, key, f"must be >= 1, got {value}")
     _require(t.eval_batches >= 0, "train.eval_batches", f"must be >= 0 (0 = the whole validation split), "
                                                          f"got {t.eval_batches}")
-    _require(m.d_model % m.n_heads == 0, "model.n_heads",
-             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
-    _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads",
-             f"head size d_model/n_heads={m.d_model // m.n_heads} must be even for rotary embeddings")
+    if m.head_dim is None:
+        _require(m.d_model % m.n_heads == 0, "model.n_heads",
+                 f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads} (or set model.head_dim)")
+    else:
+        _require(m.head_dim >= 2, "model.head_dim", f"must be >= 2 or null (= d_model / n_heads), got {m.head_dim}")
+    _require(m.n_kv_heads is None or (m.n_kv_heads >= 1 and m.n_heads % m.n_kv_heads == 0), "model.n_kv_heads",
+             f"must be >= 1 and divide model.n_heads={m.n_heads}, or null (= n_heads), got {m.n_kv_heads}")
+    _choice(m.qk_norm, "model.qk_norm", ("none", "per_head", "full"))
+    _require(0 < m.rope_fraction <= 1, "model.rope_fraction", f"must be in (0, 1], got {m.rope_fraction}")
+    rotary = rotary_dim(m)
+    _require(rotary >= 2 and rotary % 2 == 0, "model.rope_fraction" if m.rope_fraction < 1 else "model.n_heads",
+             f"the rotating part of a head, {rotary} dims (head_dim {head_dim(m)} x model.rope_fraction "
+             f"{m.rope_fraction}), must be even and >= 2")
+    _require(0 <= m.first_moe_layer, "model.first_moe_layer", f"must be >= 0, got {m.first_moe_layer}")
     _require(m.dense_d_ff is None or m.dense_d_ff >= 1, "model.dense_d_ff", f"must be >= 1, got {m.dense_d_ff}")
     # model.vocab_size against the tokenizer: below with data.*, or when a pretrained tokenizer loads
 
     _require(e.num_experts >= 0, "moe.num_experts", f"must be >= 0 (0 = dense), got {e.num_experts}")
+    _require(e.num_experts == 0 or any(is_moe_layer(m, e, layer) for layer in range(m.n_layers)),
+             "model.first_moe_layer" if m.first_moe_layer > 0 else "model.moe_every",
+             f"model.n_layers={m.n_layers}, model.first_moe_layer={m.first_moe_layer} and model.moe_every="
+             f"{m.moe_every} leave no MoE block (for a dense model set moe.num_experts=0)")
     if e.num_experts > 0:
         _require(1 <= e.top_k <= e.num_experts, "moe.top_k",
                  f"must be between 1 and moe.num_experts={e.num_experts}, got {e.top_k}")

@@ -1,6 +1,7 @@
-"""Decoder-only transformer with Mixtral-style blocks: RMSNorm, rotary attention, MoE FFN.
+"""Decoder-only transformer: RMSNorm, rotary attention (grouped-query heads, q/k norms), MoE FFN
+(the first model.first_moe_layer blocks, and those between every model.moe_every-th, dense).
 
-Shape legend: B batch, S sequence, D model dim, H heads, Hd head dim, V vocabulary.
+Shape legend: B batch, S sequence, D model dim, H heads, Hd head dim, R rotating dims of a head, V vocabulary.
 
 No distributed code here: the model is built without process groups (on the meta device when
 large) and `trainer.parallel.parallelize` applies the layout afterwards, then calls `init_weights`.
@@ -16,38 +17,64 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, MoEConfig
+from .config import ModelConfig, MoEConfig, chooses_with_expert_bias, head_dim, is_moe_layer, kv_heads, rotary_dim
 from .moe import MoE, MoEStats
 from .moe.experts import expert_parameters
 from .seeding import derived_seed
 
 
-def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles_SH = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # H = Hd/2 here
-    angles_SHd = torch.cat([angles_SH, angles_SH], dim=-1)
-    return angles_SHd.cos().float(), angles_SHd.sin().float()
+def rotary_tables(seq_len: int, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [S, R] for the R rotating dims of a head (R = Hd unless model.rope_fraction < 1)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    angles_SH = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # H = R/2 here
+    angles_SR = torch.cat([angles_SH, angles_SH], dim=-1)
+    return angles_SR.cos().float(), angles_SR.sin().float()
 
 
-def apply_rotary(x_BHSHd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
-    first, second = x_BHSHd.chunk(2, dim=-1)
+def apply_rotary(x_BHSHd: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
+    """Rotate the first R dims of each head (rotate-half pairing, as Llama and transformers); the
+    rest pass through."""
+    R = cos_SR.shape[-1]
+    x_rot, x_pass = (x_BHSHd, None) if R == x_BHSHd.shape[-1] else (x_BHSHd[..., :R], x_BHSHd[..., R:])
+    first, second = x_rot.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
-    return x_BHSHd * cos_SHd.to(x_BHSHd.dtype) + rotated * sin_SHd.to(x_BHSHd.dtype)
+    out = x_rot * cos_SR.to(x_rot.dtype) + rotated * sin_SR.to(x_rot.dtype)
+    return out if x_pass is None else torch.cat([out, x_pass], dim=-1)
 
 
 class Attention(nn.Module):
+    """Causal self-attention with rotary embeddings, grouped-query heads (`n_kv_heads` < `n_heads`:
+    query head h reads key/value head h // (n_heads / n_kv_heads)) and optional q/k RMSNorm, before
+    the rotation: `per_head` normalises each head's vector with one shared gain of Hd (Qwen3),
+    `full` the whole q and k projections (OLMoE). Q = H*Hd and KV = Hkv*Hd are the projection widths."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, kv_heads(cfg), head_dim(cfg)
+        Q, KV = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.widths = (Q, KV, KV)
+        self.qkv = nn.Linear(cfg.d_model, Q + 2 * KV, bias=cfg.attention_bias)
+        self.out = nn.Linear(Q, cfg.d_model, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            q_width, k_width = (self.head_dim, self.head_dim) if cfg.qk_norm == "per_head" else (Q, KV)
+            self.q_norm = nn.RMSNorm(q_width, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(k_width, eps=cfg.norm_eps)
 
-    def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos_SHd[:S], sin_SHd[:S]), apply_rotary(k, cos_SHd[:S], sin_SHd[:S])
-        y_BHSHd = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y_BHSHd.transpose(1, 2).reshape(B, S, D))
+    def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q_BSQ, k_BSK, v_BSK = self.qkv(x_BSD).split(self.widths, dim=-1)
+        if self.qk_norm == "full":
+            q_BSQ, k_BSK = self.q_norm(q_BSQ), self.k_norm(k_BSK)
+        q = q_BSQ.view(B, S, self.n_heads, self.head_dim)  # [B, S, heads, Hd]
+        k, v = (t.view(B, S, self.n_kv_heads, self.head_dim) for t in (k_BSK, v_BSK))
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, Hd]
+        q, k = apply_rotary(q, cos_SR[:S], sin_SR[:S]), apply_rotary(k, cos_SR[:S], sin_SR[:S])
+        grouped = {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
+        y_BHSHd = F.scaled_dot_product_attention(q, k, v, is_causal=True, **grouped)
+        return self.out(y_BHSHd.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
 class DenseFFN(nn.Module):
@@ -71,8 +98,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x_BSD, cos_SHd, sin_SHd, valid_BS, token_offset=None):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SHd, sin_SHd)
+    def forward(self, x_BSD, cos_SR, sin_SR, valid_BS, token_offset=None):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
             moe_out = self.ffn(h_BSD, valid_BS, token_offset)
@@ -102,7 +129,7 @@ class Transformer(nn.Module):
                           layer_id=layer_id, normalize_top_k=moe_cfg.normalize_top_k,
                           drop_policy=moe_cfg.drop_policy, expert_impl=moe_cfg.expert_impl,
                           score_func=moe_cfg.score_func, route_scale=moe_cfg.route_scale,
-                          expert_bias=moe_cfg.expert_bias_rate > 0, eval_capacity_factor=moe_cfg.eval_capacity_factor,
+                          expert_bias=chooses_with_expert_bias(moe_cfg), eval_capacity_factor=moe_cfg.eval_capacity_factor,
                           min_capacity=moe_cfg.min_capacity, max_recv_factor=moe_cfg.max_recv_factor,
                           num_shared_experts=moe_cfg.num_shared_experts, n_groups=moe_cfg.n_groups,
                           topk_groups=moe_cfg.topk_groups, aux_loss_scope=moe_cfg.aux_loss_scope,
@@ -114,12 +141,19 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tie_weights()
         # filled by init_weights: on the meta device they hold no data yet
-        self.register_buffer("cos_SHd", torch.empty(cfg.seq_len, cfg.d_model // cfg.n_heads), persistent=False)
-        self.register_buffer("sin_SHd", torch.empty(cfg.seq_len, cfg.d_model // cfg.n_heads), persistent=False)
+        self.register_buffer("cos_SR", torch.empty(cfg.seq_len, rotary_dim(cfg)), persistent=False)
+        self.register_buffer("sin_SR", torch.empty(cfg.seq_len, rotary_dim(cfg)), persistent=False)
+
+    def tie_weights(self) -> None:
+        """With model.tie_embeddings the head is the embedding matrix. Materialising a meta model
+        makes new parameters, so `parallelize` ties them again afterwards."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
 
     def is_moe_block(self, layer_id: int) -> bool:
-        return self.moe_cfg.num_experts > 0 and (layer_id + 1) % self.cfg.moe_every == 0
+        return is_moe_layer(self.cfg, self.moe_cfg, layer_id)
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -148,7 +182,7 @@ class Transformer(nn.Module):
         aux_sum = z_sum = torch.zeros((), device=idx_BS.device)
         stats = []
         for block in self.blocks:
-            x_BSD, moe_out = block(x_BSD, self.cos_SHd, self.sin_SHd, valid_BS, token_offset)
+            x_BSD, moe_out = block(x_BSD, self.cos_SR, self.sin_SR, valid_BS, token_offset)
             if moe_out is not None:
                 aux_sum, z_sum = aux_sum + moe_out.aux_loss, z_sum + moe_out.z_loss
                 stats.append(moe_out.stats)
@@ -170,9 +204,9 @@ class Transformer(nn.Module):
         """Deterministic, layout-independent init: each dense tensor from a seed of (seed, its name),
         each expert from a seed of (seed, layer, global expert id)."""
         cfg = self.cfg
-        cos_SHd, sin_SHd = rotary_tables(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
-        self.cos_SHd.copy_(cos_SHd)
-        self.sin_SHd.copy_(sin_SHd)
+        cos_SR, sin_SR = rotary_tables(cfg.seq_len, rotary_dim(cfg), cfg.rope_theta)
+        self.cos_SR.copy_(cos_SR)
+        self.sin_SR.copy_(sin_SR)
         std = 1.0 / math.sqrt(cfg.d_model)
         out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
         moe_params = set()
@@ -182,13 +216,13 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             if id(param) in moe_params:  # router and experts: initialised by their layer above
                 continue
-            if param.dim() == 1:  # norm gains
-                param.fill_(1.0)
+            if param.dim() == 1:  # norm gains, q/k/v biases
+                param.fill_(0.0 if name.endswith("qkv.bias") else 1.0)
                 continue
             gen = torch.Generator().manual_seed(derived_seed(seed, name))
             fan_in = param.shape[1]
             if name == "embed.weight":
-                scale = 1.0
+                scale = std if cfg.tie_embeddings else 1.0  # tied, it is also the head: logits start O(1)
             elif name.endswith(("attn.out.weight", "ffn.w2.weight")):
                 scale = out_scale / math.sqrt(fan_in)
             elif name == "lm_head.weight":
@@ -211,6 +245,8 @@ class Transformer(nn.Module):
         cfg, moe = self.cfg, self.moe_cfg
         experts = {id(p) for p in expert_parameters(self)}
         dense = sum(p.numel() for n, p in self.named_parameters() if id(p) not in experts and n != "embed.weight")
+        if cfg.tie_embeddings:  # the one matrix is named embed.weight, and the head multiplies by it
+            dense += self.lm_head.weight.numel()
         active_experts = sum(moe.top_k * 3 * cfg.d_model * moe.d_ff for _ in self.moe_layers)
-        attention = 12 * cfg.n_layers * cfg.d_model * cfg.seq_len // 2  # causal: half the scores
+        attention = 12 * cfg.n_layers * cfg.n_heads * head_dim(cfg) * cfg.seq_len // 2  # causal: half the scores
         return 6.0 * (dense + active_experts) + attention

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import Config, head_dim, kv_heads
 from ..moe import MoE
 from ..moe.experts import expert_parameters
 from .dist import Layout
@@ -36,13 +36,15 @@ def _block_activation_bytes(cfg: Config, tokens: int, moe_block: bool, mode: str
     """Bytes one block saves for backward on `tokens` tokens, from the tensors each op keeps."""
     m, moe = cfg.model, cfg.moe
     T, D, H = tokens, m.d_model, m.n_heads
+    Q, KV = H * head_dim(m), kv_heads(m) * head_dim(m)  # attention projection widths
     if mode == "full":
         return T * D * act  # the block's input; the rest is recomputed in backward
     # attention: the norm's input, 1/rms and normalised input (before its gain), the qkv input,
     # the qkv output (v is a view of it), roped q and k, the attention output and its
-    # log-sum-exp, the output projection's input
+    # log-sum-exp, the output projection's input; q/k norms keep their inputs and outputs
     norm = 2 * T * D * act + T * 4
-    attention = norm + (1 + 3 + 2 + 1 + 1) * T * D * act + T * H * 4
+    qk_norm = 0 if m.qk_norm == "none" else 2 * T * (Q + KV) * act
+    attention = norm + T * (D + (Q + 2 * KV) + (Q + KV) + Q + Q) * act + qk_norm + T * H * 4
     ffn_norm = norm
     if not moe_block:
         d_ff = m.dense_d_ff or moe.d_ff

@@ -33,6 +33,8 @@ def parallelize(model: nn.Module, layout: Layout, seed: int, debug_splits: bool 
     `model`, changed in place."""
     apply_expert_parallelism(model, layout, debug_splits)
     model.to_empty(device=layout.device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # to_empty gave the meta parameters new storage one by one, untying them
     with torch.no_grad():
         model.init_weights(seed)
     return model

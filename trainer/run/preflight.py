@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, head_dim, is_moe_layer, kv_heads, rotary_dim
 from ..data import dataset_script_problem
 from ..moe.experts import grouped_mm_problem
 from ..parallel.compile import compile_problem
@@ -196,14 +196,15 @@ class MemoryEstimate:
 def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     m, e, t = cfg.model, cfg.moe, cfg.train
     D, S, V, L = m.d_model, m.seq_len, m.vocab_size, m.n_layers
-    n_moe = sum(1 for layer in range(L) if e.num_experts > 0 and (layer + 1) % m.moe_every == 0)
+    n_moe = sum(1 for layer in range(L) if is_moe_layer(m, e, layer))
+    Q, KV = m.n_heads * head_dim(m), kv_heads(m) * head_dim(m)  # attention projection widths
     dense_ff = m.dense_d_ff or e.d_ff
     local_experts = e.num_experts // cfg.parallel.ep if e.num_experts else 0
-    params = (2 * V * D  # embedding and head
-              + L * (4 * D * D + 2 * D)  # attention and norms
+    params = ((1 if m.tie_embeddings else 2) * V * D  # embedding and head
+              + L * (D * (2 * Q + 2 * KV) + 2 * D)  # attention and norms
               + (L - n_moe) * 3 * D * dense_ff
               + n_moe * (local_experts * 3 * D * e.d_ff + e.num_experts * D))
-    rotary = 2 * S * (D // m.n_heads) * 4
+    rotary = 2 * S * rotary_dim(m) * 4
     micro = t.batch_size // world_size // t.grad_accum
     tokens = micro * S
     ffn_floats = max(e.top_k * (3 * e.d_ff + 3 * D) + 2 * e.num_experts if n_moe else 0, 3 * dense_ff)

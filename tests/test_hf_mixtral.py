@@ -54,7 +54,7 @@ def test_an_hf_export_computes_our_logits(capsys, tmp_path, corpus, mixtral, rou
     code, out_text, err = cli(capsys, "export", str(run_dir), str(out), "--format", "hf")
     assert code == 0, err
     assert "as a Hugging Face Mixtral" in out_text
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["num_key_value_heads"] == 2 and config["output_router_logits"] is False
     assert max_logit_difference(mixtral, out, run_dir) < 1e-4
@@ -87,9 +87,12 @@ def test_a_non_mixtral_export_is_one_line_and_writes_nothing(capsys, tmp_path, c
     code, _, err = cli(capsys, "train", TINY, *SHAPE, *RUN, *files_data(corpus), "train.steps=1",
                        "moe.num_shared_experts=2", f"run.dir={run_dir}")
     assert code == 0, err
-    code, _, err = cli(capsys, "export", str(run_dir), str(out), "--format", "hf")
-    line = assert_one_line_refusal(code, err, "error: export --format hf: ")
+    code, _, err = cli(capsys, "export", str(run_dir), str(out), "--format", "hf", "--hf-arch", "mixtral")
+    line = assert_one_line_refusal(code, err, "error: export --format hf --hf-arch mixtral: ")
     assert line.endswith("moe.num_shared_experts=2: Mixtral has no shared experts")
+    code, _, err = cli(capsys, "export", str(run_dir), str(out), "--format", "hf")  # auto: no family fits
+    line = assert_one_line_refusal(code, err, "error: export --format hf: no Hugging Face family represents this run")
+    assert line.endswith("nearest is mixtral (moe.num_shared_experts=2: Mixtral has no shared experts)")
     assert not out.exists()
     assert cli(capsys, "export", str(run_dir), str(out))[0] == 0  # the native export is unchanged
 
@@ -131,7 +134,7 @@ def test_init_from_hf_gives_the_hf_loss_at_any_ep_size_and_exports_back(capsys, 
     args = ["train", TINY, *SHAPE, *RUN, *files_data(corpus), "train.steps=1", f"init.from_hf={path}"]
     two = run_cli([*args, "parallel.ep=2", f"run.dir={tmp_path / 'ep2'}"], nproc=2, timeout=120)
     assert two.returncode == 0, two.stderr
-    assert "initialised from Hugging Face Mixtral" in two.stderr and "experts 0-1 of each layer" in two.stderr
+    assert "initialised from Hugging Face Mixtral" in two.stderr and "experts 0-1 of each MoE layer" in two.stderr
     # route_scale at ep=1: the down projections are divided by it on the way in, so HF's loss holds
     code, _, err = cli(capsys, *args, "moe.route_scale=2.5", f"run.dir={tmp_path / 'ep1'}")
     assert code == 0, err
@@ -166,7 +169,7 @@ def test_init_from_hf_refusals_are_one_line_and_resume_wins(capsys, tmp_path, co
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
     code, _, err = cli(capsys, *args, f"init.from_hf={llama}", f"run.dir={tmp_path / 'c'}")
-    assert "model_type=llama, not a Mixtral" in assert_one_line_refusal(code, err, "error: init.from_hf: ", 1)
+    assert "model_type=llama, not one of mixtral, qwen3_moe, olmoe, glm4_moe" in assert_one_line_refusal(code, err, "error: init.from_hf: ", 1)
     # a run with a checkpoint resumes whatever init.from_hf says
     assert cli(capsys, *args, f"init.from_hf={path}", f"run.dir={tmp_path / 'd'}")[0] == 0
     code, _, err = cli(capsys, *args, "train.steps=2", f"init.from_hf={llama}", f"run.dir={tmp_path / 'd'}")

@@ -49,9 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a run's newest checkpoint (any EP size) as safetensors")
     export.add_argument("run_dir", help="a run.dir (its newest complete checkpoint) or one checkpoint directory")
     export.add_argument("out_dir", help="directory for model.safetensors, config.yaml and export.json "
-                                        "(--format hf: model.safetensors and config.json)")
+                                        "(--format hf: config.json, model.safetensors, generation_config.json, tokenizer files)")
     export.add_argument("--format", choices=("native", "hf"), default="native",
-                        help="native: our state dict (default); hf: a Hugging Face transformers Mixtral checkpoint")
+                        help="native: our state dict (default); hf: a Hugging Face transformers checkpoint")
+    export.add_argument("--hf-arch", default="auto", metavar="auto|mixtral|qwen3_moe|olmoe|glm4_moe",
+                        help="with --format hf: the family to write; auto (default) picks the one that computes "
+                             "exactly what the run computes, or names the setting none can express")
     sample = commands.add_parser("sample", help="print a continuation of a prompt")
     sample.add_argument("path", help="a run.dir, a checkpoint directory or an export")
     sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
@@ -169,12 +172,17 @@ def _run_offline(args) -> int:
     try:
         if args.command == "export":
             if args.format == "hf":
-                from .interop.hf_mixtral import export_hf as export
+                from .interop.hf_mapping import export_hf
+
+                found, weights, family = export_hf(args.run_dir, args.out_dir, warn, args.hf_arch)
+                kind = f" as a Hugging Face {family.title} ({family.architecture})"
             else:
                 from .interop.export import export
 
-            found, weights = export(args.run_dir, args.out_dir, warn)
-            kind = " as a Hugging Face Mixtral" if args.format == "hf" else ""
+                if args.hf_arch != "auto":
+                    return _fail("export: --hf-arch needs --format hf", EXIT_BAD_INPUT)
+                found, weights = export(args.run_dir, args.out_dir, warn)
+                kind = ""
             print(f"exported step {found.step} (saved with {found.layout}){kind} to {weights}")
         elif args.command == "sample":
             from .data import saved_tokenizer

@@ -103,8 +103,8 @@ def resume(tr: Trainer, found: Optional[Found], corpus: Corpus) -> TrainState:
     """Load `found` (if any) into the trainer and say where the run continues from."""
     cfg, layout = tr.cfg, tr.layout
     if found is None:
-        if cfg.init.from_hf is not None:  # a fresh run starts from a Hugging Face Mixtral checkpoint
-            from .interop.hf_mixtral import init_from_hf
+        if cfg.init.from_hf is not None:  # a fresh run starts from a Hugging Face checkpoint (any family)
+            from .interop.hf_mapping import init_from_hf
 
             print0(layout.is_main, init_from_hf(tr.model, cfg.init.from_hf, cfg))
             tr.engine.loaded(None)  # new weights, no optimizer state: the engine's copies (ZeRO) follow

@@ -230,9 +230,14 @@ def _hf_value(hf: dict, key: str, family: Family) -> Any:
         return hf.get(key) or hf.get("hidden_size", 0) // max(hf.get("num_attention_heads", 1), 1)
     if key == "mlp_only_layers":
         return list(hf.get(key) or [])
-    return hf.get(key, family.defaults.get(key))
+    for name in (key, *SAME_KEY.get(key, ())):  # config classes save some keys under their attribute_map name
+        if name in hf:
+            return hf[name]
+    return family.defaults.get(key)
 
 
+SAME_KEY = {"num_experts": ("num_local_experts",), "n_routed_experts": ("num_local_experts",),
+            "num_local_experts": ("num_experts", "n_routed_experts")}
 COMMON_CHECKED = {"hidden_size": "model.d_model", "num_hidden_layers": "model.n_layers",
                   "num_attention_heads": "model.n_heads", "num_key_value_heads": "model.n_kv_heads",
                   "head_dim": "model.head_dim", "vocab_size": "model.vocab_size", "num_experts_per_tok": "moe.top_k",

@@ -191,12 +191,14 @@ def test_init_from_hf_gives_transformers_loss(capsys, tmp_path, corpus, hf_famil
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["parallel.ep=2", "train.engine=fsdp"])
+@pytest.mark.parametrize("engine", ["parallel.ep=2", "train.engine=fsdp", "train.engine=deepspeed train.zero_stage=1"])
 def test_init_from_hf_at_two_processes_gives_transformers_loss(tmp_path, corpus, hf_family, engine):
     arch, path, hf = hf_family
     if arch == "olmoe":
-        pytest.skip("two families cover the two layouts; OLMoE shares every code path they take")
-    result = run_cli(["train", TINY, *SEQ, *FAMILY_OURS[arch], *RUN, *files_data(corpus), "train.steps=1", engine,
+        pytest.skip("two families cover the layouts and engines; OLMoE shares every code path they take")
+    if "deepspeed" in engine:
+        pytest.importorskip("deepspeed")
+    result = run_cli(["train", TINY, *SEQ, *FAMILY_OURS[arch], *RUN, *files_data(corpus), "train.steps=1", *engine.split(),
                       f"init.from_hf={path}", f"run.dir={tmp_path / 'run'}"], nproc=2, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     first = read_metrics(tmp_path / "run")[0]

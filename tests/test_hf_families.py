@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.config import config_from_dict
+from trainer.config import config_from_dict, load_config
 from trainer.interop.hf_mapping import families, init_from_hf, pick_family, to_hf
 from trainer.run.tracking import read_metrics
 
-from .cli import run_cli
+from .cli import REPO, run_cli
 from .test_guards_cli import TINY, assert_one_line_refusal, cli, corpus, files_data  # noqa: F401
 from .test_hf_mixtral import RUN, first_batch_lm_loss
 
@@ -147,6 +147,11 @@ def test_auto_refuses_what_no_family_represents_in_one_line(capsys, tmp_path, co
 ])
 def test_auto_picks_the_one_family_that_represents_the_run(overrides, arch):
     assert pick_family(config_from_dict({}, overrides), "auto").arch == arch
+
+
+@pytest.mark.parametrize("preset", sorted(path.stem for path in (REPO / "configs" / "families").glob("*.yaml")))
+def test_each_family_preset_exports_as_the_family_it_is_named_for(preset):
+    assert pick_family(load_config(REPO / "configs" / "families" / f"{preset}.yaml"), "auto").arch == preset
 
 
 @pytest.mark.parametrize("arch, override, message", [

@@ -3,7 +3,11 @@
 | module | job |
 | --- | --- |
 | `export.py` | a checkpoint (any EP size) as safetensors; `load_model` in one process; `python -m trainer eval` |
-| `hf_mixtral.py` | the Hugging Face transformers Mixtral mapping: export to it, `init.from_hf` from it |
+| `hf_mapping.py` | the one Hugging Face mechanism: family records, tensor links, config checks, `export --format hf`, `init.from_hf` |
+| `hf_mixtral.py` | Mixtral as a family: what it cannot express, its config keys |
+| `hf_qwen3_moe.py` | Qwen3-MoE as a family (per-head q/k norms, dense `mlp_only_layers`) |
+| `hf_olmoe.py` | OLMoE as a family (q/k norms over the whole projection, every block MoE) |
+| `hf_glm4_moe.py` | GLM-4.5 as a family (DeepSeek-V3 routing: sigmoid, expert bias, groups, shared experts) |
 | `generate.py` | sampling a continuation (`python -m trainer sample`) |
 
 Imports: `build` and the layers below it; never the loop or a tool.

@@ -99,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     comparison.add_argument("--out", default="runs/compare",
                             help="directory for each run (OUT/<config>/seed<S>), compare.md, compare.json and "
                                  "val_loss.png; finished runs there are reused (default runs/compare)")
+    corpus = commands.add_parser("corpus", help="write a held-out corpus from a package: austen (Jane Austen's six "
+                                                "novels, a file per chapter, from Debian's r-cran-janeaustenr)")
+    corpus.add_argument("name", choices=("austen",))
+    corpus.add_argument("out_dir", metavar="OUT_DIR", help="a new directory; train on it with data.dataset=files "
+                                                           "data.path=OUT_DIR")
+    corpus.add_argument("--deb", default=None, metavar="FILE",
+                        help="the package's .deb (default: fetched with apt-get download)")
     bench = commands.add_parser("bench", help="MoE layer and training-step throughput against references measured "
                                                "in the same run (JSON lines); alone or under torchrun")
     from .tools.bench import add_arguments
@@ -244,7 +251,7 @@ def _main(argv: list[str] | None) -> int:
     unknown = [a for a in rest if a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command in ("export", "sample", "report") and rest:
+    if args.command in ("export", "sample", "report", "corpus") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.overrides = [*getattr(args, "overrides", []), *rest]
     if args.command in ("export", "sample", "eval"):
@@ -267,6 +274,16 @@ def _main(argv: list[str] | None) -> int:
         return 0
     if args.command == "compare":
         return _run_compare(args)
+    if args.command == "corpus":
+        from .tools.corpus import CorpusError, write_austen
+
+        try:
+            novels = write_austen(args.out_dir, args.deb)
+        except CorpusError as e:
+            return _fail(str(e), EXIT_BAD_INPUT)
+        print(f"wrote {sum(novels.values())} chapters of {len(novels)} novels to {args.out_dir}: "
+              + ", ".join(f"{name} ({n})" for name, n in novels.items()))
+        return 0
     if args.command == "config":
         if args.overrides:
             parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")

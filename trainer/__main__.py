@@ -96,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     comparison.add_argument("--eval-batches", type=int, default=None, metavar="N",
                             help="tabulate each run's final checkpoint evaluated over N validation batches "
                                  "(python -m trainer eval; 0 = the whole split) instead of its own last val loss")
+    comparison.add_argument("--budget-seconds", type=float, default=None, metavar="S",
+                            help="also train every config for the steps that fit in S seconds of training at its "
+                                 "measured speed (its schedule decays there): val loss at equal time beside equal steps")
+    comparison.add_argument("--horizons", default=None, metavar="N,N,...",
+                            help="the whole comparison at each of these train.steps (OUT/steps<N>/), and how the "
+                                 "paired difference moves with steps (horizons.md, horizons.png)")
     comparison.add_argument("--out", default="runs/compare",
                             help="directory for each run (OUT/<config>/seed<S>), compare.md, compare.json and "
                                  "val_loss.png; finished runs there are reused (default runs/compare)")
@@ -148,9 +154,19 @@ def _run_compare(args) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    from .tools.horizons import horizons, parse_horizons
+
+    say = lambda line: print(line, flush=True)  # noqa: E731
     try:
-        rows, written = compare(args.items + args.overrides, args.seeds, args.nproc, args.out,
-                                lambda line: print(line, flush=True), args.eval_batches)
+        if args.horizons is not None:
+            if args.budget_seconds is not None:
+                raise CompareError("compare: --budget-seconds and --horizons are separate comparisons; run them "
+                                   "one at a time")
+            written = horizons(args.items + args.overrides, parse_horizons(args.horizons), args.seeds, args.nproc,
+                               args.out, say, args.eval_batches)
+        else:
+            written = compare(args.items + args.overrides, args.seeds, args.nproc, args.out, say, args.eval_batches,
+                              args.budget_seconds)[1]
     except CompareInterrupted as e:
         return _fail(str(e), EXIT_INTERRUPTED)
     except CompareError as e:

@@ -331,32 +331,19 @@ def markdown(rows: list[dict], n_seeds: int, eval_batches: Optional[int] = None)
     return "\n".join(lines) + "\n"
 
 
-def compare(items: list[str], seeds: int, nproc: int, out: str, say: Callable[[str], None] = print,
-            eval_batches: Optional[int] = None) -> tuple[list[dict], list[Path]]:
-    """`eval_batches`: None = each run's own val loss at its last step; N = its final checkpoint
-    evaluated over N validation batches afterwards (0 = the whole split)."""
-    if seeds < 1 or nproc < 1 or (eval_batches is not None and eval_batches < 0):
-        raise CompareError("compare: --seeds and --nproc must be >= 1, --eval-batches >= 0")
-    out_dir = Path(out)
-    entries = load_entries(items, nproc)
-    common = parse_items(items)[1]
-    base_seed, steps = entries[0].cfg.train.seed, entries[0].cfg.train.steps
-    seed_list = [base_seed + i for i in range(seeds)]
+def train_all(entries: list[Entry], common: list[str], seed_list: list[int], out_dir: Path, nproc: int,
+              eval_batches: Optional[int], say: Callable[[str], None], what: str = "") -> dict[str, list[SeedResult]]:
+    """Train (or reuse) every (config, seed) under `out_dir`, seed-major: after the first pass every
+    config has a figure. Each entry trains to its own `train.steps`."""
     for entry in entries:  # before anything trains: a stale run.dir is refused up front
         for seed in seed_list:
             check_run_dir_holds(run_dir(out_dir, entry, seed), _seeded(entry.cfg, seed, run_dir(out_dir, entry, seed)))
-    from ..run.output_dir import OutputDirError, make_output_dir
-
-    try:
-        make_output_dir(out_dir, "compare --out")
-    except OutputDirError as e:
-        raise CompareError(str(e)) from None
     results: dict[str, list[SeedResult]] = {e.label: [] for e in entries}
-    total, done = len(entries) * seeds, 0
-    for seed in seed_list:  # seed-major: after the first pass every config has a figure
+    total, done = len(entries) * len(seed_list), 0
+    for seed in seed_list:
         for entry in entries:
             done += 1
-            directory = run_dir(out_dir, entry, seed)
+            directory, steps = run_dir(out_dir, entry, seed), entry.cfg.train.steps
             if finished(directory, steps):
                 verb = "reused"
             else:
@@ -365,14 +352,45 @@ def compare(items: list[str], seeds: int, nproc: int, out: str, say: Callable[[s
                 verb = "trained"
             result = seed_result(directory, seed, steps, eval_batches)
             results[entry.label].append(result)
-            say(f"[{done}/{total}] {entry.label} seed {seed}: val_loss {result.val_loss:.4f} ({verb}, "
+            say(f"[{done}/{total}]{what} {entry.label} seed {seed}: val_loss {result.val_loss:.4f} ({verb}, "
                 f"{result.wall_s:.0f} s) in {directory}")
+    return results
+
+
+def compare(items: list[str], seeds: int, nproc: int, out: str, say: Callable[[str], None] = print,
+            eval_batches: Optional[int] = None, budget_s: Optional[float] = None) -> tuple[list[dict], list[Path]]:
+    """`eval_batches`: None = each run's own val loss at its last step; N = its final checkpoint
+    evaluated over N validation batches afterwards (0 = the whole split). `budget_s`: also train
+    every config for as many steps as fit in that many seconds of training (equal_time.py)."""
+    if seeds < 1 or nproc < 1 or (eval_batches is not None and eval_batches < 0):
+        raise CompareError("compare: --seeds and --nproc must be >= 1, --eval-batches >= 0")
+    if budget_s is not None and not (math.isfinite(budget_s) and budget_s > 0):
+        raise CompareError(f"compare: --budget-seconds must be a number of seconds > 0, got {budget_s}")
+    out_dir = Path(out)
+    entries = load_entries(items, nproc)
+    common = parse_items(items)[1]
+    base_seed, steps = entries[0].cfg.train.seed, entries[0].cfg.train.steps
+    seed_list = [base_seed + i for i in range(seeds)]
+    from ..run.output_dir import OutputDirError, make_output_dir
+
+    try:
+        make_output_dir(out_dir, "compare --out")
+    except OutputDirError as e:
+        raise CompareError(str(e)) from None
+    results = train_all(entries, common, seed_list, out_dir, nproc, eval_batches, say)
     rows = summarise(entries, results)
     table = markdown(rows, seeds, eval_batches)
+    summary = {"steps": steps, "seeds": seed_list, "nproc": nproc, "common_overrides": common,
+               "final_eval_batches": eval_batches, "rows": rows}
+    if budget_s is not None:
+        from .equal_time import equal_time
+
+        summary["equal_time"] = equal_time(entries, rows, common, seed_list, out_dir, nproc, eval_batches, budget_s,
+                                           say)
+        table += "\n" + summary["equal_time"]["markdown"]
     written = [out_dir / "compare.md", out_dir / "compare.json"]
     written[0].write_text(table)
-    written[1].write_text(json.dumps({"steps": steps, "seeds": seed_list, "nproc": nproc, "common_overrides": common,
-                                      "final_eval_batches": eval_batches, "rows": rows}, indent=1))
+    written[1].write_text(json.dumps(summary, indent=1))
     plot = plot_curves(rows, out_dir, say)
     return rows, written + ([plot] if plot else [])
 

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.config import config_from_dict, load_config
-from trainer.interop.hf_mapping import families, init_from_hf, pick_family, to_hf
+from trainer.interop.hf import families, init_from_hf, pick_family
+from trainer.interop.hf_mapping import to_hf
 from trainer.run.tracking import read_metrics
 
 from .cli import REPO, run_cli

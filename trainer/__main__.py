@@ -147,7 +147,8 @@ def _raise_interrupt(signum, frame):
 def _run_compare(args) -> int:
     import signal
 
-    from .tools.compare import CompareError, CompareInterrupted, RunFailedError, compare
+    from .tools.compare import compare
+    from .tools.compare_runs import CompareError, CompareInterrupted, RunFailedError
 
     # SIGTERM (a scheduler's preemption) as Ctrl-C: the run in progress saves before compare exits; and
     # SIGINT even where a background launch left it ignored
@@ -195,7 +196,7 @@ def _run_offline(args) -> int:
     try:
         if args.command == "export":
             if args.format == "hf":
-                from .interop.hf_mapping import export_hf
+                from .interop.hf import export_hf
 
                 found, weights, family = export_hf(args.run_dir, args.out_dir, warn, args.hf_arch)
                 kind = f" as a Hugging Face {family.title} ({family.architecture})"

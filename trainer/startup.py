@@ -104,7 +104,7 @@ def resume(tr: Trainer, found: Optional[Found], corpus: Corpus) -> TrainState:
     cfg, layout = tr.cfg, tr.layout
     if found is None:
         if cfg.init.from_hf is not None:  # a fresh run starts from a Hugging Face checkpoint (any family)
-            from .interop.hf_mapping import init_from_hf
+            from .interop.hf import init_from_hf
 
             print0(layout.is_main, init_from_hf(tr.model, cfg.init.from_hf, cfg))
             tr.engine.loaded(None)  # new weights, no optimizer state: the engine's copies (ZeRO) follow

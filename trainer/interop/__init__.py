@@ -3,7 +3,8 @@
 | module | job |
 | --- | --- |
 | `export.py` | a checkpoint (any EP size) as safetensors; `load_model` in one process; `python -m trainer eval` |
-| `hf_mapping.py` | the one Hugging Face mechanism: family records, tensor links, config checks, `export --format hf`, `init.from_hf` |
+| `hf.py` | `export --format hf` and `init.from_hf` for every family; the family registry and `--hf-arch auto` |
+| `hf_mapping.py` | what the families share: family records, tensor links, config.json and its checks |
 | `hf_mixtral.py` | Mixtral as a family: what it cannot express, its config keys |
 | `hf_qwen3_moe.py` | Qwen3-MoE as a family (per-head q/k norms, dense `mlp_only_layers`) |
 | `hf_olmoe.py` | OLMoE as a family (q/k norms over the whole projection, every block MoE) |

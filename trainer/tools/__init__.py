@@ -9,6 +9,7 @@
 | `stage_timing.py` | per-stage timing of an MoE layer's forward and backward (router, dispatch, experts, combine) |
 | `step_profile.py` | `bench --profile`: a training step's time by part, backward charged to its forward's part |
 | `compare.py` | `python -m trainer compare`: configs trained on the same data and seeds, tabulated |
+| `compare_runs.py` | what compare runs with: config entries, each seed's run as a subprocess, paired summaries |
 | `equal_time.py` | `compare --budget-seconds`: every config trained for the steps that fit in the same time |
 | `horizons.py` | `compare --horizons`: the comparison at several training lengths, the gap against steps |
 | `corpus.py` | `python -m trainer corpus austen`: Jane Austen's novels from a Debian package, a file per chapter |

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import load_config
-from .compare import CompareError, Entry, SeedResult, summarise, train_all
+from .compare_runs import CompareError, Entry, SeedResult, summarise, train_all
 
 BUDGET_STEPS_FILE = "budget_steps.json"
 

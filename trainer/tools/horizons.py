@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from .compare import CompareError, compare
+from .compare import compare
+from .compare_runs import CompareError
 
 
 def parse_horizons(text: str) -> list[int]:
